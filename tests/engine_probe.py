@@ -1,0 +1,40 @@
+"""Read the engine's logits at every position, through its real paged paths.
+
+`tokens[:prefill_len]` go through chunked prefill (chunks of `chunk`); the rest
+are fed one decode step at a time, as generated tokens are.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from worker.batch_processor import BatchProcessor
+from worker.kv_cache import blocks_for
+from worker.scheduler import ScheduledBatch
+from worker.sequence import SamplingParams, Sequence
+
+
+def engine_logits(
+    processor: BatchProcessor, tokens: list[int], prefill_len: int, chunk: int
+) -> np.ndarray:
+    """(len(tokens), vocab) logits; row t predicts the token after position t."""
+    runner = processor.runner
+    seq = Sequence("probe", list(tokens[:prefill_len]), SamplingParams(max_new_tokens=len(tokens)))
+    allocator = runner.cache.allocator
+    seq.block_table = allocator.allocate(blocks_for(len(tokens), runner.block_size))
+    rows = []
+    try:
+        while seq.num_pending:
+            n = min(chunk, seq.num_pending)
+            step, _ = runner.prepare(ScheduledBatch(prefills=[(seq, n)]))
+            step.logits_rows = runner.backend.asarray(np.arange(n))
+            rows.append(runner.backend.to_host(runner.model.forward(step, runner.cache)))
+            seq.num_computed += n
+        for token in tokens[prefill_len:]:
+            seq.generated.append(token)
+            step, _ = runner.prepare(ScheduledBatch(decodes=[seq]))
+            rows.append(runner.backend.to_host(runner.model.forward(step, runner.cache)))
+            seq.num_computed += 1
+    finally:
+        allocator.free(seq.block_table)
+    return np.concatenate(rows)

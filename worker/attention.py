@@ -1,0 +1,94 @@
+"""Paged, tiled attention with an online softmax, over NumPy or CuPy.
+
+One kernel serves both phases:
+- decode: B sequences, one query each (Q = 1), batched in one call;
+- prefill: one sequence, a chunk of Q new queries attending to its cached
+  prefix plus the chunk itself (the chunk's K/V are written to the cache first).
+
+Keys are visited a tile of blocks at a time and folded into a running max /
+running sum (the flash-attention recurrence), so a long prompt never builds
+a full (len x len) score matrix: the largest temporary is (Q x tile_tokens)
+per head. Grouped-query and multi-query attention share one K/V head among
+`group = n_heads // n_kv_heads` query heads by folding the group into the
+query axis.
+
+Visibility is decided by positions alone: key j is visible from a query at
+position i when j <= i (causal) and, with a sliding window W, i - j < W.
+Padding queries carry position -1 and see nothing (their output is 0).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+Array = Any
+
+
+def paged_attention(
+    xp: ModuleType,
+    q: Array,
+    k_pool: Array,
+    v_pool: Array,
+    block_tables: Array,
+    q_positions: Array,
+    num_kv_blocks: int,
+    scale: float,
+    window: int | None = None,
+    tile_tokens: int = 256,
+) -> Array:
+    """Attention of queries against their sequences' paged keys and values.
+
+    q:            (B, Q, n_heads, head_dim)
+    k_pool/v_pool:(num_blocks, block_size, n_kv_heads, head_dim)
+    block_tables: (B, max_blocks) int, padded with any valid block id
+    q_positions:  (B, Q) int, absolute position of each query; -1 = padding
+    num_kv_blocks: how many leading table entries hold keys (a host int, so
+                  the loop bound never needs a device sync)
+    returns       (B, Q, n_heads, head_dim)
+    """
+    batch, n_q, n_heads, head_dim = q.shape
+    block_size, n_kv_heads = k_pool.shape[1], k_pool.shape[2]
+    group = n_heads // n_kv_heads
+    rows = group * n_q
+
+    # (B, Q, kvh, group, D) -> (B, kvh, group, Q, D) -> (B, kvh, group*Q, D)
+    qg = q.reshape(batch, n_q, n_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+    qg = qg.reshape(batch, n_kv_heads, rows, head_dim) * np.float32(scale)
+
+    run_max = xp.full((batch, n_kv_heads, rows, 1), -np.inf, dtype=np.float32)
+    run_sum = xp.zeros((batch, n_kv_heads, rows, 1), dtype=np.float32)
+    acc = xp.zeros((batch, n_kv_heads, rows, head_dim), dtype=np.float32)
+    q_pos = q_positions[:, None, None, :, None]  # (B, 1, 1, Q, 1)
+
+    tile_blocks = max(1, tile_tokens // block_size)
+    for first in range(0, num_kv_blocks, tile_blocks):
+        tile = block_tables[:, first : first + tile_blocks]  # (B, nb)
+        n_keys = tile.shape[1] * block_size
+        # (B, nb, bs, kvh, D) -> (B, L, kvh, D) -> K^T (B, kvh, D, L) and V (B, kvh, L, D)
+        k = k_pool[tile].reshape(batch, n_keys, n_kv_heads, head_dim).transpose(0, 2, 3, 1)
+        v = v_pool[tile].reshape(batch, n_keys, n_kv_heads, head_dim).transpose(0, 2, 1, 3)
+
+        key_pos = xp.arange(first * block_size, first * block_size + n_keys)  # (L,)
+        visible = key_pos <= q_pos  # (B, 1, 1, Q, L)
+        if window is not None:
+            visible &= key_pos > q_pos - window
+
+        scores = (qg @ k).reshape(batch, n_kv_heads, group, n_q, n_keys)  # (B, kvh, g, Q, L)
+        scores = xp.where(visible, scores, -np.inf).reshape(batch, n_kv_heads, rows, n_keys)
+
+        new_max = xp.maximum(run_max, scores.max(axis=-1, keepdims=True))  # (B, kvh, rows, 1)
+        # Rows that have seen no visible key yet keep max -inf; shift them by 0 instead.
+        shift = xp.where(xp.isfinite(new_max), new_max, np.float32(0))
+        probs = xp.exp(scores - shift)  # (B, kvh, rows, L)
+        rescale = xp.exp(run_max - shift)  # (B, kvh, rows, 1)
+        run_sum = run_sum * rescale + probs.sum(axis=-1, keepdims=True)
+        acc = acc * rescale + probs @ v  # (B, kvh, rows, D)
+        run_max = new_max
+
+    out = acc / xp.where(run_sum > 0, run_sum, np.float32(1))  # padding rows stay 0
+    # (B, kvh, group*Q, D) -> (B, kvh, group, Q, D) -> (B, Q, kvh, group, D)
+    out = out.reshape(batch, n_kv_heads, group, n_q, head_dim).transpose(0, 3, 1, 2, 4)
+    return out.reshape(batch, n_q, n_heads, head_dim)

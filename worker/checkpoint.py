@@ -1,0 +1,185 @@
+"""Load a Hugging Face style checkpoint directory into device arrays.
+
+Weights come through the `safetensors` library from `model.safetensors` or the
+shards named in `model.safetensors.index.json`, stored fp32, fp16 or bf16; all
+are converted to float32 once, here, and fused for the forward pass (q/k/v
+into one matrix, gate/up into another) so the hot path does fewer, larger
+matmuls. Errors name the file, tensor or field at fault.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+from safetensors import safe_open
+from tokenizers import Tokenizer
+
+from worker.backend import Backend
+from worker.model_config import CheckpointError, ModelConfig, load_model_config
+
+Array = Any  # numpy.ndarray or cupy.ndarray
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: Array  # (hidden,)
+    qkv: Array  # (q_size + 2 * kv_size, hidden)
+    qkv_bias: Array | None  # (q_size + 2 * kv_size,)
+    o: Array  # (hidden, q_size)
+    o_bias: Array | None  # (hidden,)
+    mlp_norm: Array  # (hidden,)
+    gate_up: Array  # (2 * intermediate, hidden)
+    gate_up_bias: Array | None  # (2 * intermediate,)
+    down: Array  # (hidden, intermediate)
+    down_bias: Array | None  # (hidden,)
+
+
+@dataclass
+class ModelWeights:
+    embed: Array  # (vocab, hidden)
+    layers: list[LayerWeights]
+    final_norm: Array  # (hidden,)
+    lm_head: Array  # (vocab, hidden); the same array as `embed` when tied
+
+
+def _shard_files(model_dir: Path) -> list[Path]:
+    single = model_dir / "model.safetensors"
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not weight_map:
+            raise CheckpointError(f"{index}: missing field 'weight_map'")
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+    elif single.exists():
+        files = [single]
+    else:
+        raise CheckpointError(
+            f"{model_dir}: missing file model.safetensors (or model.safetensors.index.json)"
+        )
+    for path in files:
+        if not path.exists():
+            raise CheckpointError(f"{model_dir}: missing shard file {path.name}")
+    return files
+
+
+def _bf16_to_f32(raw: bytes | bytearray, shape: list[int]) -> np.ndarray:
+    # NumPy has no bfloat16: the 16 bits are the top half of a float32.
+    bits = np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16
+    return bits.view(np.float32).reshape(shape)
+
+
+class TensorSource:
+    """Name -> float32 NumPy array across shards; bf16 shards are decoded on open."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self._stack = ExitStack()
+        self._where: dict[str, Any] = {}
+        self._bf16: dict[str, np.ndarray] = {}
+        for path in files:
+            handle = self._stack.enter_context(safe_open(str(path), framework="numpy"))
+            names = list(handle.keys())
+            if any(handle.get_slice(n).get_dtype() == "BF16" for n in names):
+                for name, info in safetensors.deserialize(path.read_bytes()):
+                    if info["dtype"] == "BF16":
+                        self._bf16[name] = _bf16_to_f32(info["data"], info["shape"])
+            for name in names:
+                self._where[name] = handle
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in self._where:
+            raise CheckpointError(f"checkpoint is missing tensor '{name}'")
+        array = self._bf16.pop(name, None)
+        if array is None:
+            array = self._where[name].get_tensor(name)
+        if tuple(array.shape) != shape:
+            raise CheckpointError(
+                f"tensor '{name}' has shape {tuple(array.shape)}, expected {shape}"
+            )
+        return np.ascontiguousarray(array, dtype=np.float32)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def _layer(src: TensorSource, cfg: ModelConfig, i: int, to_device: Any) -> LayerWeights:
+    p = f"model.layers.{i}."
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+
+    def get(name: str, *shape: int) -> np.ndarray:
+        return src.get(p + name, shape)
+
+    def fused(names: list[str], rows: list[int], cols: int | None) -> Array:
+        shapes = [(r, cols) if cols else (r,) for r in rows]
+        return to_device(np.concatenate([get(n, *s) for n, s in zip(names, shapes, strict=True)]))
+
+    qkv_rows = [cfg.q_size, cfg.kv_size, cfg.kv_size]
+    qkv_names = [f"self_attn.{x}_proj" for x in "qkv"]
+    mlp_names = ["mlp.gate_proj", "mlp.up_proj"]
+    return LayerWeights(
+        attn_norm=to_device(get("input_layernorm.weight", h)),
+        qkv=fused([n + ".weight" for n in qkv_names], qkv_rows, h),
+        qkv_bias=fused([n + ".bias" for n in qkv_names], qkv_rows, None) if cfg.qkv_bias else None,
+        o=to_device(get("self_attn.o_proj.weight", h, cfg.q_size)),
+        o_bias=to_device(get("self_attn.o_proj.bias", h)) if cfg.o_bias else None,
+        mlp_norm=to_device(get("post_attention_layernorm.weight", h)),
+        gate_up=fused([n + ".weight" for n in mlp_names], [inter, inter], h),
+        gate_up_bias=fused([n + ".bias" for n in mlp_names], [inter, inter], None)
+        if cfg.mlp_bias
+        else None,
+        down=to_device(get("mlp.down_proj.weight", h, inter)),
+        down_bias=to_device(get("mlp.down_proj.bias", h)) if cfg.mlp_bias else None,
+    )
+
+
+def load_weights(model_dir: Path, cfg: ModelConfig, backend: Backend) -> ModelWeights:
+    src = TensorSource(_shard_files(model_dir))
+    try:
+        embed = backend.asarray(
+            src.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
+        )
+        layers = [_layer(src, cfg, i, backend.asarray) for i in range(cfg.num_layers)]
+        final_norm = backend.asarray(src.get("model.norm.weight", (cfg.hidden_size,)))
+        if cfg.tie_word_embeddings:
+            lm_head = embed
+        else:
+            lm_head = backend.asarray(src.get("lm_head.weight", (cfg.vocab_size, cfg.hidden_size)))
+    except CheckpointError as err:
+        raise CheckpointError(f"{model_dir}: {err}") from None
+    finally:
+        src.close()
+    return ModelWeights(embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)
+
+
+def load_tokenizer(model_dir: Path) -> Tokenizer:
+    path = model_dir / "tokenizer.json"
+    if not path.exists():
+        raise CheckpointError(f"{model_dir}: missing file tokenizer.json")
+    return Tokenizer.from_file(str(path))
+
+
+@dataclass
+class Checkpoint:
+    """Everything loaded from one model directory."""
+
+    config: ModelConfig
+    weights: ModelWeights
+    tokenizer: Tokenizer
+
+
+def load_checkpoint(model_dir: str | Path, backend: Backend) -> Checkpoint:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: model directory does not exist")
+    config = load_model_config(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    weights = load_weights(model_dir, config, backend)
+    return Checkpoint(config=config, weights=weights, tokenizer=tokenizer)

@@ -1,0 +1,104 @@
+"""ModelRunner: turns a ScheduledBatch into device arrays, runs the model, samples.
+
+Host-side bookkeeping (which token goes where in the paged cache) is built here
+with NumPy and shipped to the device once per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from worker.backend import Backend
+from worker.checkpoint import Checkpoint
+from worker.kv_cache import KVCache, KVCacheLayout, blocks_for
+from worker.model import LlamaModel, PrefillSegment, StepInputs
+from worker.sampling import sample
+from worker.scheduler import ScheduledBatch
+from worker.sequence import Sequence
+
+Array = Any
+
+
+class ModelRunner:
+    def __init__(self, checkpoint: Checkpoint, layout: KVCacheLayout, backend: Backend) -> None:
+        self.backend = backend
+        self.config = checkpoint.config
+        self.model = LlamaModel(checkpoint.config, checkpoint.weights, backend)
+        self.cache = KVCache(checkpoint.config, layout, backend)
+        self.block_size = layout.block_size
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, list[Sequence]]:
+        """Lay the step's tokens out (decodes first) and find the rows to sample."""
+        bs, to_dev = self.block_size, self.backend.asarray
+        ids: list[int] = []
+        positions: list[np.ndarray] = []
+        tables: list[np.ndarray] = []
+        logits_rows: list[int] = []
+        sampled: list[Sequence] = []
+
+        for seq in batch.decodes:
+            ids.append(seq.generated[-1] if seq.generated else seq.prompt_ids[-1])
+            positions.append(np.array([seq.num_computed]))
+            tables.append(np.asarray(seq.block_table, dtype=np.int64))
+            logits_rows.append(len(ids) - 1)
+            sampled.append(seq)
+
+        decode_tables = None
+        decode_kv_blocks = 0
+        if batch.decodes:
+            decode_kv_blocks = max(len(t) for t in tables)
+            padded = np.zeros((len(tables), decode_kv_blocks), dtype=np.int64)
+            for row, table in enumerate(tables):
+                padded[row, : len(table)] = table
+            decode_tables = to_dev(padded)
+
+        segments = []
+        for seq, chunk in batch.prefills:
+            start, end = seq.num_computed, seq.num_computed + chunk
+            row = len(ids)
+            ids.extend(seq.tokens[start:end])
+            positions.append(np.arange(start, end))
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            tables.append(table)
+            used = blocks_for(end, bs)
+            segments.append(PrefillSegment(row, row + chunk, to_dev(table[None, :used]), used))
+            if end == seq.current_length:  # chunk completes the sequence: sample its next token
+                logits_rows.append(row + chunk - 1)
+                sampled.append(seq)
+
+        pos = np.concatenate(positions)  # (T,)
+        blocks = np.concatenate(
+            [t[p // bs] for t, p in zip(tables, positions, strict=True)]
+        )  # (T,) the block each new token's K/V goes to
+        step = StepInputs(
+            token_ids=to_dev(np.asarray(ids, dtype=np.int64)),
+            positions=to_dev(pos),
+            slot_blocks=to_dev(blocks),
+            slot_offsets=to_dev(pos % bs),
+            num_decode=len(batch.decodes),
+            decode_tables=decode_tables,
+            decode_kv_blocks=decode_kv_blocks,
+            prefills=segments,
+            logits_rows=to_dev(np.asarray(logits_rows, dtype=np.int64)),
+        )
+        return step, sampled
+
+    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], np.ndarray]:
+        """One forward pass and sampling; returns the sampled sequences and their tokens."""
+        step, sampled = self.prepare(batch)
+        logits = self.model.forward(step, self.cache)  # (S, vocab)
+        if not sampled:
+            return sampled, np.empty(0, dtype=np.int64)
+        params = [s.params for s in sampled]
+        tokens = sample(
+            self.backend.xp,
+            logits,
+            temperature=[p.temperature for p in params],
+            top_k=[p.top_k for p in params],
+            top_p=[p.top_p for p in params],
+            seeds=[p.seed for p in params],
+            indices=[s.tokens_generated for s in sampled],
+        )
+        return sampled, self.backend.to_host(tokens).astype(np.int64)
