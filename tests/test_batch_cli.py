@@ -1,0 +1,104 @@
+"""`python -m worker.batch`: a real subprocess over JSONL files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from worker.offline import Request, run_to_completion
+from worker.sequence import Priority, SamplingParams
+
+LINES = [
+    {"request_id": "text", "prompt": "Hello, world", "max_new_tokens": 12, "ignore_eos": True},
+    {"prompt_token_ids": [5, 6, 7], "max_new_tokens": 5, "temperature": 0.8, "seed": 3},
+    "{not json",
+    {"prompt": "x", "prompt_token_ids": [1], "max_new_tokens": 2},
+    {"request_id": "zero", "prompt": "x", "max_new_tokens": 0},
+    {"prompt": "x", "max_new_tokens": 2, "top_p": 1.5},
+    {"prompt_token_ids": [1, 99999], "max_new_tokens": 2},
+    {"prompt": "x", "max_new_tokens": 2, "colour": "blue"},
+    {"request_id": "high", "prompt": "café 你好", "max_new_tokens": 6, "priority": "HIGH"},
+    {"prompt": "x", "max_new_tokens": 2, "priority": "URGENT"},
+]
+
+
+def run_batch(
+    model: Path, tmp_path: Path, lines: list
+) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    args = ["--model", str(model), "--input", str(src), "--output", str(out), "--device", "cpu"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.batch", *args, "--max-batch-size", "4"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    return proc, [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_every_line_is_answered_in_order(
+    default_model: Path, tmp_path: Path, make_processor
+) -> None:
+    proc, records = run_batch(default_model, tmp_path, LINES)
+    assert proc.returncode == 1, proc.stderr  # some lines were rejected
+    assert len(records) == len(LINES)
+    ids = [r["request_id"] for r in records]
+    assert ids == [
+        "text",
+        "line-2",
+        "line-3",
+        "line-4",
+        "zero",
+        "line-6",
+        "line-7",
+        "line-8",
+        "high",
+        "line-10",
+    ]
+    errors = {r["request_id"]: r["error"] for r in records if "error" in r}
+    assert errors["line-3"].startswith("line 3:")
+    assert "exactly one of prompt or prompt_token_ids" in errors["line-4"]
+    assert "max_new_tokens must be > 0" in errors["zero"]
+    assert "top_p must be in [0, 1]" in errors["line-6"]
+    assert "token id 99999 is outside [0, 512)" in errors["line-7"]
+    assert "unknown field 'colour'" in errors["line-8"]
+    assert "priority must be one of HIGH, NORMAL, LOW" in errors["line-10"]
+    assert "requests" in proc.stderr and "tok/s" in proc.stderr  # the progress bar
+
+    tokenizer = Tokenizer.from_file(str(default_model / "tokenizer.json"))
+    text = records[0]
+    assert text["finish_reason"] == "LENGTH" and len(text["token_ids"]) == 12
+    assert text["usage"] == {
+        "prompt_tokens": len(tokenizer.encode("Hello, world").ids),
+        "completion_tokens": 12,
+    }
+    assert text["text"] == tokenizer.decode(text["token_ids"])
+
+    # The same greedy tokens as the in-process engine.
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    want = run_to_completion(
+        make_processor(),
+        [Request("t", tokenizer.encode("Hello, world").ids, params, Priority.NORMAL)],
+    )
+    assert text["token_ids"] == want["t"].token_ids
+
+
+def test_stop_strings_end_the_request_and_are_not_emitted(
+    default_model: Path, tmp_path: Path
+) -> None:
+    base = {
+        "request_id": "base",
+        "prompt_token_ids": [3, 4, 5],
+        "max_new_tokens": 16,
+        "ignore_eos": True,
+    }
+    _, (full,) = run_batch(default_model, tmp_path, [base])
+    stop = full["text"][len(full["text"]) // 2 :][:2]
+    assert stop
+    _, (cut,) = run_batch(default_model, tmp_path, [{**base, "stop": [stop]}])
+    assert cut["finish_reason"] == "STOP"
+    assert cut["text"] == full["text"][: full["text"].find(stop)]
+    assert len(cut["token_ids"]) < 16
