@@ -1,0 +1,381 @@
+"""Generate reference fixtures from Hugging Face transformers (torch, fp32).
+
+Why: the engine must match transformers numerically on real checkpoint
+layouts (sharded, fp16/bf16, tied heads, biases, sliding window, llama3 rope),
+and the engine itself may not depend on torch. So this script runs once in a
+throwaway venv and its output (tests/fixtures/) is committed:
+
+    python3 -m venv /tmp/fxvenv
+    /tmp/fxvenv/bin/pip install torch==2.13.0 transformers safetensors tokenizers numpy
+    /tmp/fxvenv/bin/python scripts/make_fixtures.py --out tests/fixtures
+
+Each fixture dir holds an HF checkpoint, tokenizer.json and expected.npz with,
+for prompt i in 0..3: prompt_i (int64), logits_i (float32, (len, vocab)),
+greedy_i (int64, (12,)) and greedy_logits_i (float32, (12, vocab)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from worker.toy_tokenizer import build_tokenizer  # noqa: E402
+
+VOCAB = 320
+PROMPT_LENS = (1, 7, 40, 70)  # 40/70: past a 16-token KV block and a 32-token prefill chunk
+NEW_TOKENS = 12
+MATRIX_STD = 0.15  # gives logits with std ~1: far from ties, not saturated
+ATTN_IMPL = "eager"  # plain softmax(QK^T)V math; also used when re-verifying
+MIN_MARGIN = 1e-3  # reject prompts whose greedy top-2 logits are closer than this
+COMMON: dict[str, Any] = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    vocab_size=VOCAB,
+    intermediate_size=128,
+    max_position_embeddings=256,
+    bos_token_id=0,
+    eos_token_id=0,
+)
+
+
+@dataclass
+class Fixture:
+    name: str
+    config: PretrainedConfig
+    seed: int
+    save_dtype: torch.dtype = torch.float32
+    max_shard_size: str | None = None
+    generation_eos: list[int] | None = None  # written to generation_config.json
+    notes: list[str] = field(default_factory=list)
+
+
+def fixtures() -> list[Fixture]:
+    llama3_rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        # 64 rather than 32 so head_dim 16 has frequencies in all three llama3
+        # bands (kept, interpolated, divided by factor); 32 leaves the middle empty.
+        "original_max_position_embeddings": 64,
+    }
+    default_rope = {"rope_type": "default", "rope_theta": 10000.0}
+    return [
+        Fixture(
+            "llama_gqa",
+            LlamaConfig(
+                **COMMON,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=32,
+                tie_word_embeddings=False,
+                rms_norm_eps=1e-5,
+                rope_parameters=default_rope,
+            ),
+            seed=1,
+            max_shard_size="100KB",
+            generation_eos=[0, 1],
+        ),
+        Fixture(
+            "llama_mqa_tied",
+            LlamaConfig(
+                **COMMON,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                head_dim=16,
+                tie_word_embeddings=True,
+                rms_norm_eps=1e-6,
+                rope_parameters=default_rope,
+            ),
+            seed=2,
+            save_dtype=torch.float16,
+        ),
+        Fixture(
+            "qwen2",
+            Qwen2Config(
+                **COMMON,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                use_sliding_window=False,
+                tie_word_embeddings=False,
+                rms_norm_eps=1e-6,
+                rope_parameters=default_rope,
+            ),
+            seed=3,
+            save_dtype=torch.bfloat16,
+            notes=["config.json has no head_dim: it is hidden_size // num_attention_heads"],
+        ),
+        Fixture(
+            "mistral",
+            MistralConfig(
+                **COMMON,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                sliding_window=24,
+                tie_word_embeddings=False,
+                rms_norm_eps=1e-5,
+                rope_parameters=default_rope,
+            ),
+            seed=4,
+        ),
+        Fixture(
+            "llama3_rope",
+            LlamaConfig(
+                **COMMON,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                tie_word_embeddings=False,
+                rms_norm_eps=1e-5,
+                rope_parameters=llama3_rope,
+            ),
+            seed=6,
+            save_dtype=torch.bfloat16,  # as Llama 3 ships; also keeps the fixtures small
+        ),
+    ]
+
+
+def randomise(model: PreTrainedModel, seed: int, dtype: torch.dtype) -> None:
+    """Overwrite every parameter so no default init (zeros, ones) hides a bug.
+
+    Values are rounded through the save dtype so the fp32 references are
+    exact for a loader that upcasts the saved fp16/bf16 file.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied weights appear once
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if name.endswith("norm.weight"):
+                value = 1.0 + 0.1 * noise
+            elif name.endswith(".bias"):
+                value = 0.1 * noise
+            else:
+                value = MATRIX_STD * noise
+            p.copy_(value.to(dtype).to(torch.float32))
+
+
+def make_prompts(seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, VOCAB, size=n, dtype=np.int64) for n in PROMPT_LENS]
+
+
+def full_logits(model: PreTrainedModel, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        out = model(torch.from_numpy(ids)[None]).logits[0]
+    return out.float().numpy()
+
+
+def greedy(model: PreTrainedModel, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """model.generate with EOS disabled, so it always yields NEW_TOKENS tokens."""
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = model.generate(
+            torch.from_numpy(ids)[None],
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    tokens = out.sequences[0, len(ids) :].numpy().astype(np.int64)
+    logits = torch.stack([step[0] for step in out.logits]).float().numpy()
+    assert tokens.shape == (NEW_TOKENS,), f"generation stopped early: {tokens.shape}"
+    assert (logits.argmax(-1) == tokens).all(), "raw step logits disagree with greedy tokens"
+    return tokens, logits
+
+
+def top2_margin(logits: np.ndarray) -> float:
+    top = np.sort(logits, axis=-1)[..., -2:]
+    return float((top[..., 1] - top[..., 0]).min())
+
+
+def sliding_window_reach(fx: Fixture) -> int:
+    """How many positions (self included) one attention layer sees, measured.
+
+    Why: HF's sliding-window convention has been off by one in past releases;
+    the engine should copy whatever the reference actually does.
+    """
+    cfg = fx.config.__class__.from_dict({**fx.config.to_dict(), "num_hidden_layers": 1})
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=ATTN_IMPL).eval()
+    randomise(model, fx.seed, torch.float32)
+    ids = make_prompts(fx.seed)[3]
+    changed = ids.copy()
+    changed[0] = 1 + ids[0] % (VOCAB - 1)
+    diff = np.abs(full_logits(model, ids) - full_logits(model, changed)).max(-1)
+    return int(np.flatnonzero(diff > 0).max()) + 1  # last position still affected by pos 0
+
+
+def llama3_bands(config: dict[str, Any]) -> list[str]:
+    """Which llama3 rope regime each frequency falls in, to show all are covered."""
+    rp = config["rope_parameters"]
+    head_dim = config["head_dim"]
+    inv_freq = rp["rope_theta"] ** -(np.arange(0, head_dim, 2) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    old_len = rp["original_max_position_embeddings"]
+    low, high = old_len / rp["low_freq_factor"], old_len / rp["high_freq_factor"]
+    return ["kept" if w < high else "divided" if w > low else "smoothed" for w in wavelen]
+
+
+def build_fixture(fx: Fixture, out_dir: Path) -> dict[str, Any]:
+    torch.manual_seed(fx.seed)
+    model = AutoModelForCausalLM.from_config(fx.config, attn_implementation=ATTN_IMPL).eval()
+    randomise(model, fx.seed, fx.save_dtype)
+
+    expected: dict[str, np.ndarray] = {}
+    margins: list[float] = []
+    decode_vs_full: list[float] = []
+    for i, ids in enumerate(make_prompts(fx.seed)):
+        logits = full_logits(model, ids)
+        tokens, step_logits = greedy(model, ids)
+        margins.append(top2_margin(step_logits))
+        # Cached decoding vs. one full forward: how close the two paths are in HF itself.
+        recomputed = full_logits(model, np.concatenate([ids, tokens[:-1]]))[len(ids) - 1 :]
+        decode_vs_full.append(float(np.abs(recomputed - step_logits).max()))
+        expected |= {
+            f"prompt_{i}": ids,
+            f"logits_{i}": logits,
+            f"greedy_{i}": tokens,
+            f"greedy_logits_{i}": step_logits,
+        }
+    assert min(margins) > MIN_MARGIN, f"{fx.name}: greedy near-tie {min(margins)}; change seed"
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    model.generation_config.eos_token_id = fx.generation_eos or fx.config.eos_token_id
+    save_kwargs: dict[str, Any] = {}
+    if fx.max_shard_size:
+        save_kwargs["max_shard_size"] = fx.max_shard_size
+    model.to(fx.save_dtype).save_pretrained(out_dir, **save_kwargs)
+    model.to(torch.float32)
+    build_tokenizer(VOCAB).save(str(out_dir / "tokenizer.json"))
+    np.savez_compressed(out_dir / "expected.npz", **expected)
+
+    verify(out_dir, expected, fx, model)
+    return describe(fx, out_dir, margins, decode_vs_full)
+
+
+def verify(
+    out_dir: Path, expected: dict[str, np.ndarray], fx: Fixture, ref: PreTrainedModel
+) -> None:
+    """Reload what was saved: weights and fp32 logits must be bit-identical."""
+    model = AutoModelForCausalLM.from_pretrained(
+        out_dir, dtype=torch.float32, attn_implementation=ATTN_IMPL
+    ).eval()
+    ref_state = ref.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, ref_state[name]), f"{fx.name}: {name} changed on reload"
+    with torch.no_grad():
+        # Weights mmapped from safetensors are not 64-byte aligned, and for a
+        # 1-token input BLAS then picks a kernel that rounds differently (~1e-6).
+        # Copies are aligned, making the comparison below exact.
+        for p in model.parameters():
+            p.data = p.data.clone()
+    for i in range(len(PROMPT_LENS)):
+        got = full_logits(model, expected[f"prompt_{i}"])
+        diff = float(np.abs(got - expected[f"logits_{i}"]).max())
+        assert diff == 0.0, f"{fx.name}: reloaded logits differ by {diff}"
+    if fx.max_shard_size:
+        shards = list(out_dir.glob("model-*-of-*.safetensors"))
+        assert (out_dir / "model.safetensors.index.json").is_file() and len(shards) > 1
+
+
+def describe(
+    fx: Fixture, out_dir: Path, margins: list[float], decode_vs_full: list[float]
+) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    config = json.loads((out_dir / "config.json").read_text())
+    tensors: dict[str, str] = {}
+    for path in sorted(out_dir.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                tensors[key] = str(f.get_slice(key).get_dtype())
+    info: dict[str, Any] = {
+        "model_class": type(fx.config).__name__.replace("Config", "ForCausalLM"),
+        "config_keys": sorted(config),
+        "rope_keys": {
+            "rope_theta_top_level": "rope_theta" in config,
+            "rope_parameters": config.get("rope_parameters"),
+            "rope_scaling": config.get("rope_scaling", "<absent>"),
+        },
+        "summary": {
+            k: config.get(k)
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "vocab_size",
+                "tie_word_embeddings",
+                "rms_norm_eps",
+                "sliding_window",
+                "use_sliding_window",
+                "eos_token_id",
+                "dtype",
+            )
+        },
+        "stored_dtypes": sorted(set(tensors.values())),
+        "lm_head_saved": "lm_head.weight" in tensors,
+        "n_tensors": len(tensors),
+        "files": {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())},
+        "generation_config": json.loads((out_dir / "generation_config.json").read_text()),
+        "prompt_lengths": list(PROMPT_LENS),
+        "min_greedy_top2_margin": min(margins),
+        "max_abs_diff_cached_decode_vs_full_forward": max(decode_vs_full),
+        "notes": list(fx.notes),
+    }
+    if isinstance(fx.config, MistralConfig) and fx.config.sliding_window:
+        reach = sliding_window_reach(fx)
+        info["sliding_window_positions_seen_incl_self"] = reach
+        info["notes"].append(f"query i attends keys j with i - j < {reach} (1-layer probe)")
+    if config.get("rope_parameters", {}).get("rope_type") == "llama3":
+        info["llama3_bands"] = llama3_bands(config)
+    return info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "tests" / "fixtures")
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # fixed reduction order, so reruns give the same bits
+    args.out.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, Any] = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "attn_implementation": ATTN_IMPL,
+        "tokenizer": f"worker.toy_tokenizer.build_tokenizer({VOCAB})",
+        "expected_keys": "prompt_i, logits_i, greedy_i, greedy_logits_i for i in 0..3",
+        "fixtures": {},
+    }
+    for fx in fixtures():
+        manifest["fixtures"][fx.name] = build_fixture(fx, args.out / fx.name)
+        print(f"{fx.name}: ok")
+    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
