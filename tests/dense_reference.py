@@ -50,7 +50,7 @@ def dense_forward(cfg: ModelConfig, w: ModelWeights, ids: list[int]) -> np.ndarr
     q_size, kv_size, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
     for layer in w.layers:
         h = _rms(x, layer.attn_norm, cfg.rms_norm_eps)
-        qkv = h @ np.asarray(layer.qkv, dtype=np.float64).T
+        qkv = h @ np.asarray(layer.qkv, dtype=np.float64)
         if layer.qkv_bias is not None:
             qkv = qkv + layer.qkv_bias
         q = _rope(qkv[:, :q_size].reshape(len(ids), cfg.num_heads, -1), pos, inv_freq)
@@ -59,14 +59,14 @@ def dense_forward(cfg: ModelConfig, w: ModelWeights, ids: list[int]) -> np.ndarr
         )
         v = qkv[:, q_size + kv_size :].reshape(len(ids), cfg.num_kv_heads, -1)
         attn = dense_attention(q, k, v, pos, cfg.sliding_window).reshape(len(ids), q_size)
-        x = x + attn @ np.asarray(layer.o, dtype=np.float64).T
+        x = x + attn @ np.asarray(layer.o, dtype=np.float64)
         if layer.o_bias is not None:
             x = x + layer.o_bias
         h = _rms(x, layer.mlp_norm, cfg.rms_norm_eps)
-        gu = h @ np.asarray(layer.gate_up, dtype=np.float64).T
+        gu = h @ np.asarray(layer.gate_up, dtype=np.float64)
         if layer.gate_up_bias is not None:
             gu = gu + layer.gate_up_bias
         gate, up = gu[:, :inter], gu[:, inter:]
-        mlp = (gate / (1 + np.exp(-gate)) * up) @ np.asarray(layer.down, dtype=np.float64).T
+        mlp = (gate / (1 + np.exp(-gate)) * up) @ np.asarray(layer.down, dtype=np.float64)
         x = x + mlp + (layer.down_bias if layer.down_bias is not None else 0)
-    return _rms(x, w.final_norm, cfg.rms_norm_eps) @ np.asarray(w.lm_head, dtype=np.float64).T
+    return _rms(x, w.final_norm, cfg.rms_norm_eps) @ np.asarray(w.lm_head, dtype=np.float64)

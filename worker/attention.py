@@ -14,7 +14,10 @@ query axis.
 
 Visibility is decided by positions alone: key j is visible from a query at
 position i when j <= i (causal) and, with a sliding window W, i - j < W.
-Padding queries carry position -1 and see nothing (their output is 0).
+Hidden scores get a large finite negative value rather than -inf: a row that
+sees nothing in one tile then carries weight exp(-1e30 - max) = 0 into the
+next, with no inf - inf to guard against. (A query that sees no key at all,
+such as a padding row at position -1, gets a meaningless but finite output.)
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import numpy as np
 
 Array = Any
+MASKED = np.float32(-1e30)
 
 
 def paged_attention(
@@ -44,7 +48,7 @@ def paged_attention(
     q:            (B, Q, n_heads, head_dim)
     k_pool/v_pool:(num_blocks, block_size, n_kv_heads, head_dim)
     block_tables: (B, max_blocks) int, padded with any valid block id
-    q_positions:  (B, Q) int, absolute position of each query; -1 = padding
+    q_positions:  (B, Q) int, absolute position of each query
     num_kv_blocks: how many leading table entries hold keys (a host int, so
                   the loop bound never needs a device sync)
     returns       (B, Q, n_heads, head_dim)
@@ -58,12 +62,9 @@ def paged_attention(
     qg = q.reshape(batch, n_q, n_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
     qg = qg.reshape(batch, n_kv_heads, rows, head_dim) * np.float32(scale)
 
-    run_max = xp.full((batch, n_kv_heads, rows, 1), -np.inf, dtype=np.float32)
-    run_sum = xp.zeros((batch, n_kv_heads, rows, 1), dtype=np.float32)
-    acc = xp.zeros((batch, n_kv_heads, rows, head_dim), dtype=np.float32)
     q_pos = q_positions[:, None, None, :, None]  # (B, 1, 1, Q, 1)
-
     tile_blocks = max(1, tile_tokens // block_size)
+    run_max = run_sum = acc = None
     for first in range(0, num_kv_blocks, tile_blocks):
         tile = block_tables[:, first : first + tile_blocks]  # (B, nb)
         n_keys = tile.shape[1] * block_size
@@ -77,18 +78,22 @@ def paged_attention(
             visible &= key_pos > q_pos - window
 
         scores = (qg @ k).reshape(batch, n_kv_heads, group, n_q, n_keys)  # (B, kvh, g, Q, L)
-        scores = xp.where(visible, scores, -np.inf).reshape(batch, n_kv_heads, rows, n_keys)
-
-        new_max = xp.maximum(run_max, scores.max(axis=-1, keepdims=True))  # (B, kvh, rows, 1)
-        # Rows that have seen no visible key yet keep max -inf; shift them by 0 instead.
-        shift = xp.where(xp.isfinite(new_max), new_max, np.float32(0))
-        probs = xp.exp(scores - shift)  # (B, kvh, rows, L)
-        rescale = xp.exp(run_max - shift)  # (B, kvh, rows, 1)
+        scores = xp.where(visible, scores, MASKED).reshape(batch, n_kv_heads, rows, n_keys)
+        tile_max = scores.max(axis=-1, keepdims=True)  # (B, kvh, rows, 1)
+        if acc is None:  # first tile: nothing to rescale yet
+            run_max = tile_max
+            probs = xp.exp(scores - run_max)  # (B, kvh, rows, L)
+            run_sum = probs.sum(axis=-1, keepdims=True)  # (B, kvh, rows, 1)
+            acc = probs @ v  # (B, kvh, rows, D)
+            continue
+        new_max = xp.maximum(run_max, tile_max)
+        rescale = xp.exp(run_max - new_max)  # (B, kvh, rows, 1): earlier tiles' weight
+        probs = xp.exp(scores - new_max)
         run_sum = run_sum * rescale + probs.sum(axis=-1, keepdims=True)
-        acc = acc * rescale + probs @ v  # (B, kvh, rows, D)
+        acc = acc * rescale + probs @ v
         run_max = new_max
 
-    out = acc / xp.where(run_sum > 0, run_sum, np.float32(1))  # padding rows stay 0
+    out = acc / run_sum  # (B, kvh, group*Q, D)
     # (B, kvh, group*Q, D) -> (B, kvh, group, Q, D) -> (B, Q, kvh, group, D)
     out = out.reshape(batch, n_kv_heads, group, n_q, head_dim).transpose(0, 3, 1, 2, 4)
     return out.reshape(batch, n_q, n_heads, head_dim)

@@ -8,7 +8,10 @@ test suite never need it installed.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import importlib
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
@@ -54,15 +57,39 @@ def _cupy_with_device() -> ModuleType | None:
     return None
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt(3) parameter numbers
+
+
+def keep_freed_memory_mapped() -> bool:
+    """Stop glibc from handing every large temporary back to the kernel.
+
+    A decode step makes many short-lived arrays of 0.1-10 MB (gathered K/V
+    tiles, activations). By default glibc serves those with fresh mmaps and
+    returns them at free, so each step pays a page fault per 4 KiB touched:
+    that measured 3-7x slower attention on the CPU (docs/benchmarks.md).
+    Raising the mmap and trim thresholds keeps the memory in the heap for
+    reuse. A no-op off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mmap_ok = mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)  # glibc's maximum on 64-bit
+    trim_ok = mallopt(_M_TRIM_THRESHOLD, 2**30)
+    return bool(mmap_ok and trim_ok)
+
+
 def select_backend(device: str = "auto") -> Backend:
     """Resolve `auto|cpu|cuda` to a Backend; `cuda` without a device is an error."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be one of auto, cpu, cuda (got {device!r})")
-    if device == "cpu":
-        return Backend(np, "cpu")
-    cupy = _cupy_with_device()
+    cupy = None if device == "cpu" else _cupy_with_device()
     if cupy is not None:
         return Backend(cupy, "cuda")
     if device == "cuda":
         raise RuntimeError("device=cuda was requested but CuPy found no CUDA device")
+    keep_freed_memory_mapped()
     return Backend(np, "cpu")

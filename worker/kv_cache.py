@@ -8,7 +8,6 @@ preempted, so memory follows the live tokens, not the longest possible ones.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,11 +20,14 @@ Array = Any
 
 
 class BlockAllocator:
-    """Free list of block ids; pure bookkeeping, no arrays."""
+    """Free list of block ids; pure bookkeeping, no arrays.
+
+    Last freed, first reused: recently written blocks are still in the CPU cache.
+    """
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
 
     @property
     def num_free(self) -> int:
@@ -38,7 +40,9 @@ class BlockAllocator:
     def allocate(self, count: int) -> list[int]:
         if count > len(self._free):
             raise MemoryError(f"asked for {count} KV blocks, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(count)]
+        taken = self._free[len(self._free) - count :]
+        del self._free[len(self._free) - count :]
+        return taken[::-1]
 
     def free(self, blocks: list[int]) -> None:
         self._free.extend(blocks)
@@ -84,10 +88,18 @@ class KVCache:
         self.layout = layout
         self.block_size = layout.block_size
         shape = (layout.num_blocks, layout.block_size, config.num_kv_heads, config.head_dim)
-        # One K and one V pool per layer: (num_blocks, block_size, kv_heads, head_dim)
-        self.k = [backend.xp.zeros(shape, dtype=np.float32) for _ in range(config.num_layers)]
-        self.v = [backend.xp.zeros(shape, dtype=np.float32) for _ in range(config.num_layers)]
+        # One K and one V pool per layer: (num_blocks, block_size, kv_heads, head_dim).
+        # Filled now, not lazily zeroed: the memory is really taken at start, and
+        # decode steps do not pay page faults as sequences grow into new blocks.
+        self.k = [self._filled(backend, shape) for _ in range(config.num_layers)]
+        self.v = [self._filled(backend, shape) for _ in range(config.num_layers)]
         self.allocator = BlockAllocator(layout.num_blocks)
+
+    @staticmethod
+    def _filled(backend: Backend, shape: tuple[int, ...]) -> Array:
+        pool = backend.xp.empty(shape, dtype=np.float32)
+        pool.fill(0)
+        return pool
 
     def write(self, layer: int, slots: tuple[Array, Array], k: Array, v: Array) -> None:
         """Store new tokens' keys/values; slots = (block ids (T,), offsets (T,))."""

@@ -47,8 +47,8 @@ class StepInputs:
 
 
 def rms_norm(xp: Any, x: Array, weight: Array, eps: float) -> Array:
-    variance = (x * x).mean(axis=-1, keepdims=True)  # (T, 1)
-    return x * (1.0 / xp.sqrt(variance + np.float32(eps))) * weight  # (T, hidden)
+    mean_square = xp.square(x).sum(axis=-1, keepdims=True) * np.float32(1 / x.shape[-1])  # (T, 1)
+    return x * (weight / xp.sqrt(mean_square + np.float32(eps)))  # (T, hidden)
 
 
 def silu(xp: Any, x: Array) -> Array:
@@ -122,7 +122,7 @@ class LlamaModel:
         x = w.embed[step.token_ids]  # (T, hidden)
         for i, layer in enumerate(w.layers):
             h = rms_norm(xp, x, layer.attn_norm, cfg.rms_norm_eps)
-            qkv = h @ layer.qkv.T  # (T, q_size + 2 * kv_size)
+            qkv = h @ layer.qkv  # (T, q_size + 2 * kv_size)
             if layer.qkv_bias is not None:
                 qkv += layer.qkv_bias
             qk = self.apply_rope(qkv[:, : q_size + kv_size].reshape(n_tokens, n_rot, -1), cos, sin)
@@ -131,17 +131,17 @@ class LlamaModel:
             v = qkv[:, q_size + kv_size :].reshape(n_tokens, cfg.num_kv_heads, -1)
             cache.write(i, slots, k, v)
             attn = self.attention(i, q, cache, step).reshape(n_tokens, q_size)  # (T, q_size)
-            x = x + attn @ layer.o.T
+            x = x + attn @ layer.o
             if layer.o_bias is not None:
                 x += layer.o_bias
 
             h = rms_norm(xp, x, layer.mlp_norm, cfg.rms_norm_eps)
-            gate_up = h @ layer.gate_up.T  # (T, 2 * intermediate)
+            gate_up = h @ layer.gate_up  # (T, 2 * intermediate)
             if layer.gate_up_bias is not None:
                 gate_up += layer.gate_up_bias
-            x = x + (silu(xp, gate_up[:, :inter]) * gate_up[:, inter:]) @ layer.down.T
+            x = x + (silu(xp, gate_up[:, :inter]) * gate_up[:, inter:]) @ layer.down
             if layer.down_bias is not None:
                 x += layer.down_bias
 
         last = rms_norm(xp, x[step.logits_rows], w.final_norm, cfg.rms_norm_eps)  # (S, hidden)
-        return last @ w.lm_head.T  # (S, vocab)
+        return last @ w.lm_head  # (S, vocab)

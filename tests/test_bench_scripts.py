@@ -1,0 +1,77 @@
+"""The benchmark and GPU-check scripts run end to end on the CPU.
+
+They are run as subprocesses, the way `make bench` / `make gpu-check` run them.
+Timings are never asserted on: only that every table is printed and every
+check passes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worker.random_checkpoint import write_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, str(ROOT / "scripts" / args[0]), *args[1:]]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+
+
+def table_rows(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith("| ")]
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("bench") / "default", "default")
+
+
+def test_gpu_check_dry_run_passes_every_check() -> None:
+    result = run_script("gpu_check.py", "--xp", "numpy", "--skip-bench")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = table_rows(result.stdout)
+    results = [row.rstrip(" |").rsplit("| ", 1)[-1] for row in rows[1:]]  # skip the header
+    assert len(results) >= 10 and set(results) == {"PASS"}, result.stdout
+    names = " ".join(rows)
+    for kernel in ("paged_attention", "rms_norm", "silu", "rope", "sample_from", "model logits"):
+        assert kernel in names
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed")
+def test_gpu_check_without_cupy_says_so_and_exits_2() -> None:
+    result = run_script("gpu_check.py", "--skip-bench")
+    assert result.returncode == 2
+    assert "--xp numpy" in result.stdout
+
+
+def test_bench_engine_quick_prints_every_table(small_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--device", "cpu", "--model", str(small_model), "--batch-sizes", "1,2,32"]
+    args += ["--requests", "8", "--max-batch", "4", "--profile", "--json", str(out)]
+    result = run_script("bench_engine.py", *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for title in (
+        "Machine and ceilings",
+        "Decode scaling",
+        "Prefill",
+        "Continuous vs static batching",
+        "Targets",
+        "cProfile: batch 32",
+        "Matmuls alone",
+    ):
+        assert f"### {title}" in result.stdout, title
+    data = json.loads(out.read_text())
+    assert [row["batch"] for row in data["decode"]] == [1, 2, 32]
+    assert data["batching"]["requests"] == 8 and data["batching"]["tokens"] > 0
+    assert [t["result"] in ("PASS", "MISS") for t in data["targets"]] == [True] * 3
+    assert data["ceilings"]["copy_gbps"] > 0 and data["ceilings"]["matmul_gflops"] > 0
