@@ -48,9 +48,17 @@ def test_decode_batch_matches_dense(heads: int, kv_heads: int, window: int | Non
     q = rng.standard_normal((len(lengths), 1, heads, dim)).astype(np.float32)
     pos = np.array([[n - 1] for n in lengths])
     out = paged_attention(
-        np, q, k_pool, v_pool, padded(tables), pos, max(map(len, tables)), dim**-0.5,
-        window=window, tile_tokens=8,  # several tiles per sequence
-    )  # fmt: skip
+        np,
+        q,
+        k_pool,
+        v_pool,
+        padded(tables),
+        pos,
+        max(map(len, tables)),
+        dim**-0.5,
+        window=window,
+        tile_tokens=8,  # several tiles per sequence
+    )
     for b, n in enumerate(lengths):
         ref = dense_attention(q[b].astype(np.float64), ks[b], vs[b], np.array([n - 1]), window)
         np.testing.assert_allclose(out[b], ref, rtol=1e-5, atol=1e-5)
@@ -70,9 +78,17 @@ def test_prefill_chunk_with_cached_prefix_matches_dense(window: int | None) -> N
     q = rng.standard_normal((1, total - prefix, heads, dim)).astype(np.float32)
     pos = np.arange(prefix, total)[None]
     out = paged_attention(
-        np, q, k_pool, v_pool, padded(tables), pos, len(tables[0]), dim**-0.5,
-        window=window, tile_tokens=8,
-    )  # fmt: skip
+        np,
+        q,
+        k_pool,
+        v_pool,
+        padded(tables),
+        pos,
+        len(tables[0]),
+        dim**-0.5,
+        window=window,
+        tile_tokens=8,
+    )
     ref = dense_attention(q[0].astype(np.float64), k, v, pos[0], window)
     np.testing.assert_allclose(out[0], ref, rtol=1e-5, atol=1e-5)
 

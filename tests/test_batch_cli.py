@@ -34,8 +34,10 @@ def run_batch(
     args = ["--model", str(model), "--input", str(src), "--output", str(out), "--device", "cpu"]
     proc = subprocess.run(
         [sys.executable, "-m", "worker.batch", *args, "--max-batch-size", "4"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return proc, [json.loads(line) for line in out.read_text().splitlines()]
 
 

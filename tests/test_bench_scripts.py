@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from worker.random_checkpoint import write_checkpoint
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,11 +27,6 @@ def run_script(*args: str) -> subprocess.CompletedProcess[str]:
 
 def table_rows(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line.startswith("| ")]
-
-
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("bench") / "default", "default")
 
 
 def test_gpu_check_dry_run_passes_every_check() -> None:
@@ -54,9 +47,9 @@ def test_gpu_check_without_cupy_says_so_and_exits_2() -> None:
     assert "--xp numpy" in result.stdout
 
 
-def test_bench_engine_quick_prints_every_table(small_model: Path, tmp_path: Path) -> None:
+def test_bench_engine_quick_prints_every_table(default_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    args = ["--quick", "--device", "cpu", "--model", str(small_model), "--batch-sizes", "1,2,32"]
+    args = ["--quick", "--device", "cpu", "--model", str(default_model), "--batch-sizes", "1,2,32"]
     args += ["--requests", "8", "--max-batch", "4", "--profile", "--json", str(out)]
     result = run_script("bench_engine.py", *args)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -116,8 +116,13 @@ def test_half_precision_weights_convert_to_float32(
 
 
 def test_rope_theta_at_top_level_or_in_rope_parameters(model_copy: Path) -> None:
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     edit_config(model_copy, rope_parameters=None, rope_theta=123.0, rope_scaling=scaling)
     old_style = load_model_config(model_copy).rope
     edit_config(

@@ -64,7 +64,8 @@ class Scheduler:
 
     def admit(self, seq: Sequence) -> bool:
         """Start seq if a slot and its blocks are free; preempted sequences go first."""
-        if self.preempted or not self.can_admit(seq, reserve=self.watermark):
+        reserve = self.watermark if self.running else 0  # an idle engine takes any fitting prompt
+        if self.preempted or not self.can_admit(seq, reserve=reserve):
             return False
         self._start(seq)
         return True
