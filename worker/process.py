@@ -6,9 +6,10 @@
         one process_step; write Tokens and Status
         sleep on the doorbell when there is nothing to do
 
-Spawned by the front (spawn start method). BLAS threads are set from the
-arguments before NumPy is imported, so N CPU workers share the cores instead
-of each starting one thread per core.
+Spawned by the front (spawn start method). The environment from the
+arguments is applied before NumPy is imported: N CPU workers each get
+cores / N BLAS threads, so replicas share the cores instead of each starting
+one thread per core; with --device cuda, worker i sees only GPU i.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import signal
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from worker.channel.messages import (
@@ -41,6 +42,16 @@ if TYPE_CHECKING:
     from worker.batch_processor import BatchProcessor
 
 BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def worker_environment(index: int, workers: int, device: str, cores: int) -> dict[str, str]:
+    """Per-worker environment: CPU replicas split the cores; GPU workers get one device each."""
+    env = {name: str(max(1, cores // workers)) for name in BLAS_THREAD_VARIABLES}
+    if device == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = str(index)
+    return env
+
+
 IDLE_WAIT_S = 1.0  # an idle worker still wakes now and then, to notice a vanished front
 
 
@@ -55,7 +66,7 @@ class WorkerArgs:
     outbox: str
     inbox_bell: Doorbell
     outbox_bell: Doorbell
-    blas_threads: int | None = None
+    env: dict[str, str] = field(default_factory=dict)  # BLAS thread caps, CUDA_VISIBLE_DEVICES
 
 
 class WorkerLoop:
@@ -148,9 +159,7 @@ class WorkerLoop:
 
 def run_worker(args: WorkerArgs) -> None:
     """Process entry point (the target of multiprocessing.Process)."""
-    if args.blas_threads:
-        for name in BLAS_THREAD_VARIABLES:
-            os.environ[name] = str(args.blas_threads)
+    os.environ.update(args.env)  # before NumPy / CuPy are imported below
     # The front handles SIGINT / SIGTERM and tells workers to stop through the channel.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -167,7 +176,11 @@ def run_worker(args: WorkerArgs) -> None:
                 kv_blocks_total=processor.layout.num_blocks,
                 block_size=args.engine.block_size,
                 max_seq_len=processor.max_seq_len,
+                vocab_size=processor.model_config.vocab_size,
+                eos_token_ids=processor.model_config.eos_token_ids,
                 device=processor.runner.backend.describe(),
+                model_name=processor.model_config.name,
+                architecture=processor.model_config.model_type,
             )
         )
         loop.run()

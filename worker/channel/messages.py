@@ -47,12 +47,18 @@ class Shutdown:
 
 @dataclass(frozen=True)
 class Ready:
+    """The worker loaded its model; also tells the front what the model accepts."""
+
     pid: int
     max_batch_size: int
     kv_blocks_total: int
     block_size: int
     max_seq_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
     device: str
+    model_name: str
+    architecture: str
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,7 @@ _KIND = struct.Struct("<B")
 # n_stop_ids, n_prompt, n_generated
 _ADD = struct.Struct("<QIfIfQBBIII")
 _HANDLE = struct.Struct("<Q")
-_READY = struct.Struct("<QIIII")
+_READY = struct.Struct("<QIIIIII")  # ..., vocab_size, n_eos
 _RECORD = struct.Struct("<QiIB")
 _STATUS = struct.Struct("<IIIIIQQ")
 
@@ -124,12 +130,19 @@ def encode(message: Message) -> bytes:
             return _KIND.pack(Kind.CANCEL) + _HANDLE.pack(handle)
         case Shutdown():
             return _KIND.pack(Kind.SHUTDOWN)
-        case Ready(pid, batch, blocks, block_size, max_seq, device):
-            return (
-                _KIND.pack(Kind.READY)
-                + _READY.pack(pid, batch, blocks, block_size, max_seq)
-                + device.encode()
+        case Ready():
+            m = message
+            fixed = _READY.pack(
+                m.pid,
+                m.max_batch_size,
+                m.kv_blocks_total,
+                m.block_size,
+                m.max_seq_len,
+                m.vocab_size,
+                len(m.eos_token_ids),
             )
+            texts = b"\x00".join(t.encode() for t in (m.device, m.model_name, m.architecture))
+            return _KIND.pack(Kind.READY) + fixed + _ids(m.eos_token_ids) + texts
         case Tokens(records):
             body = b"".join(
                 _RECORD.pack(r.handle, r.token_id, r.index, r.finish_reason) for r in records
@@ -191,8 +204,10 @@ def decode(data: bytes) -> Message:
     if kind == Kind.SHUTDOWN:
         return Shutdown()
     if kind == Kind.READY:
-        fields = _READY.unpack_from(data, body)
-        return Ready(*fields, device=data[body + _READY.size :].decode())
+        *fields, n_eos = _READY.unpack_from(data, body)
+        eos, offset = _take_ids(data, body + _READY.size, n_eos)
+        device, name, arch = data[offset:].decode().split("\x00")
+        return Ready(*fields, tuple(eos), device, name, arch)
     if kind == Kind.TOKENS:
         return Tokens(
             [

@@ -1,0 +1,137 @@
+"""Argument parsing for `python -m client`; the commands themselves live in client.commands.
+
+Global options (--target, --auth-token, --timeout) are accepted before or after the
+command name, so `python -m client stats --target h:1` works as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from client.channel import split_targets
+from client.request import PRIORITY_NAMES
+from client.sync import DEFAULT_TARGET
+
+TARGET_ENV = "SHOAL_TARGET"
+TOKEN_ENV = "SHOAL_AUTH_TOKEN"
+
+
+def int_list(text: str) -> list[int]:
+    """ "1,2,3" -> [1, 2, 3] (spaces allowed)."""
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text!r}") from err
+
+
+def _global_options(defaults: bool) -> argparse.ArgumentParser:
+    # Sub-commands get the same options with SUPPRESS defaults, so their unset copies don't
+    # overwrite values given before the command name.
+    p = argparse.ArgumentParser(add_help=False)
+    suppress = argparse.SUPPRESS
+    p.add_argument(
+        "--target",
+        action="append",
+        default=None if defaults else suppress,
+        help=f"host:port, repeatable or comma-separated; several are balanced round_robin; "
+        f"dns:///name:port also works (env {TARGET_ENV}, default {DEFAULT_TARGET})",
+    )
+    p.add_argument(
+        "--auth-token",
+        default=os.environ.get(TOKEN_ENV) if defaults else suppress,
+        help=f"sent as 'authorization: Bearer <token>' (env {TOKEN_ENV})",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None if defaults else suppress,
+        help="deadline of each call in seconds (default: none)",
+    )
+    return p
+
+
+def _request_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("prompt", nargs="?", help="prompt text ('-' reads stdin)")
+    p.add_argument("--token-ids", type=int_list, dest="prompt_token_ids", metavar="1,2,3")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.0, help="0 or 1 = off")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], metavar="S", help="repeatable")
+    p.add_argument("--stop-token-ids", type=int_list, default=[], metavar="1,2")
+    p.add_argument("--priority", type=str.upper, choices=PRIORITY_NAMES)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--request-id", default="")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m client",
+        description="Command-line client of a shoal server.",
+        parents=[_global_options(defaults=True)],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    common = _global_options(defaults=False)
+    request = _request_options()
+
+    def add(name: str, help_text: str, *parents: argparse.ArgumentParser) -> Any:
+        return sub.add_parser(name, help=help_text, parents=[common, *parents])
+
+    gen = add("generate", "generate and print a completion", request)
+    gen.add_argument("--stream", action="store_true", help="print text as it arrives")
+    add("submit", "enqueue a request and print its id", request)
+    stream = add("stream", "follow a submitted request")
+    stream.add_argument("request_id")
+    stream.add_argument("--from-index", type=int, default=0, help="replay from this token")
+    add("cancel", "abort a queued or running request").add_argument("request_id")
+    add("stats", "load per worker and in total").add_argument("--json", action="store_true")
+    add("info", "the served model").add_argument("--json", action="store_true")
+    batch = add("batch", "run a JSONL file of requests (worker.batch formats)")
+    batch.add_argument("--input", required=True, type=Path)
+    batch.add_argument("--output", required=True, type=Path)
+    batch.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    raw = args.target or [os.environ.get(TARGET_ENV) or DEFAULT_TARGET]
+    try:
+        args.target = split_targets(raw)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.command in ("generate", "submit"):
+        if args.prompt == "-":
+            args.prompt = sys.stdin.read()
+        if (args.prompt is None) == (args.prompt_token_ids is None):
+            parser.error(f"{args.command}: give exactly one of a prompt or --token-ids")
+    if args.command == "batch" and args.concurrency < 1:
+        parser.error("--concurrency must be >= 1")
+    return args
+
+
+def request_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The build_request keyword arguments of a generate/submit command line."""
+    names = (
+        "prompt",
+        "prompt_token_ids",
+        "max_new_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "seed",
+        "stop",
+        "stop_token_ids",
+        "ignore_eos",
+        "priority",
+        "request_id",
+    )
+    return {name: getattr(args, name) for name in names}

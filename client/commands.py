@@ -1,0 +1,157 @@
+"""The commands of `python -m client`, each a function of (client, args) -> exit code."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import TextIO
+
+import grpc
+
+from client.aio import AsyncShoalClient
+from client.batch import count_failed, parse_lines, run_batch, write_records
+from client.cli import parse_args, request_params
+from client.errors import ShoalError
+from client.progress import Progress
+from client.sync import ShoalClient
+from client.types import Chunk, Completion, CompletionBuilder, Stats, WorkerStats
+
+
+def summary_line(done: Completion) -> str:
+    """finish reason, token counts and latencies, as greppable key=value pairs."""
+    tokens = done.usage.completion_tokens if done.usage else len(done.token_ids)
+    parts = [f"finish={done.finish_reason or 'NONE'}", f"tokens={tokens}"]
+    if done.usage:
+        parts.append(f"prompt_tokens={done.usage.prompt_tokens}")
+    if done.timing:
+        t = done.timing
+        parts += [f"ttft_ms={t.ttft_ms:.1f}", f"total_ms={t.total_ms:.1f}"]
+        parts.append(f"queue_ms={t.queue_ms:.1f}")
+    parts.append(f"request_id={done.request_id}")
+    return " ".join(parts)
+
+
+def print_chunks(chunks: Iterable[Chunk], out: TextIO) -> Completion:
+    """Write each chunk's text as it arrives (flushed), then return the whole completion."""
+    builder = CompletionBuilder()
+    for chunk in chunks:
+        builder.add(chunk)
+        out.write(chunk.text)
+        out.flush()
+    out.write("\n")
+    return builder.build()
+
+
+def cmd_generate(client: ShoalClient, args: argparse.Namespace) -> int:
+    params = request_params(args)
+    if args.stream:
+        done = print_chunks(client.generate(**params), sys.stdout)
+    else:
+        done = client.generate_text(**params)
+        print(done.text)
+    print(summary_line(done), file=sys.stderr)
+    return 0
+
+
+def cmd_submit(client: ShoalClient, args: argparse.Namespace) -> int:
+    print(client.submit(**request_params(args)))
+    return 0
+
+
+def cmd_stream(client: ShoalClient, args: argparse.Namespace) -> int:
+    done = print_chunks(client.stream(args.request_id, args.from_index), sys.stdout)
+    print(summary_line(done), file=sys.stderr)
+    return 0
+
+
+def cmd_cancel(client: ShoalClient, args: argparse.Namespace) -> int:
+    if client.cancel(args.request_id):
+        print(f"cancelled {args.request_id}")
+    else:
+        print(f"{args.request_id} had already finished")
+    return 0
+
+
+def stats_table(stats: Stats) -> str:
+    header = f"{'worker':>6} {'alive':>5} {'active':>6} {'queue':>5} {'util':>6} "
+    header += f"{'tokens':>12} {'kv blocks':>13}"
+
+    def row(name: str, w: WorkerStats) -> str:
+        kv = f"{w.kv_blocks_used}/{w.kv_blocks_total}"
+        return (
+            f"{name:>6} {'yes' if w.alive else 'no':>5} {w.active_sequences:>6} "
+            f"{w.queue_length:>5} {w.utilization:>6.1%} {w.total_tokens:>12,} {kv:>13}"
+        )
+
+    rows = [row(str(w.worker), w) for w in stats.workers]
+    return "\n".join([header, *rows, row("total", stats.total)])
+
+
+def cmd_stats(client: ShoalClient, args: argparse.Namespace) -> int:
+    stats = client.stats()
+    print(json.dumps(stats.as_dict(), indent=2) if args.json else stats_table(stats))
+    return 0
+
+
+def cmd_info(client: ShoalClient, args: argparse.Namespace) -> int:
+    info = client.model_info().as_dict()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            shown = ", ".join(map(str, value)) if isinstance(value, list | tuple) else value
+            print(f"{key + ':':<{width + 1}} {shown}")
+    return 0
+
+
+async def cmd_batch(args: argparse.Namespace) -> int:
+    items = parse_lines(args.input.read_text(encoding="utf-8").splitlines())
+    jobs = sum(not isinstance(i, dict) for i in items)
+    progress = Progress(total=jobs)
+    for item in items:
+        if isinstance(item, dict):
+            progress.note(item["error"])
+    started = time.perf_counter()
+    async with AsyncShoalClient(
+        args.target, auth_token=args.auth_token, timeout=args.timeout
+    ) as client:
+        records = await run_batch(client, items, args.concurrency, progress)
+    progress.close()
+    write_records(args.output, records)
+    failed = count_failed(records)
+    elapsed = time.perf_counter() - started
+    print(f"{len(records)} lines in {elapsed:.1f} s, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+COMMANDS: dict[str, Callable[[ShoalClient, argparse.Namespace], int]] = {
+    "generate": cmd_generate,
+    "submit": cmd_submit,
+    "stream": cmd_stream,
+    "cancel": cmd_cancel,
+    "stats": cmd_stats,
+    "info": cmd_info,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "batch":
+            return asyncio.run(cmd_batch(args))
+        with ShoalClient(args.target, auth_token=args.auth_token, timeout=args.timeout) as client:
+            return COMMANDS[args.command](client, args)
+    except grpc.RpcError as rpc_err:
+        err = ShoalError.from_rpc(rpc_err)
+        print(f"error: {err.code.name}: {err.details}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as err:  # a bad target, an unreadable input file
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # the stream's generator cancels its call on the way out
+        return 130

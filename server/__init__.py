@@ -1,0 +1,1 @@
+"""shoal's gRPC front process: validation, pending queue, dispatch to worker processes."""

@@ -1,0 +1,79 @@
+"""Start the front: gRPC server, health, reflection, workers; drain on SIGTERM / SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tokenizers import Tokenizer
+
+from server.config import ServerConfig
+from server.frontend import Frontend
+from server.servicer import AuthInterceptor, InferenceServicer
+from shoal.v1 import inference_pb2 as pb
+from shoal.v1 import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger("shoal")
+SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+
+
+async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM / SIGINT, then drain and return (the process exits 0)."""
+    tokenizer_path = Path(config.model) / "tokenizer.json"
+    if not tokenizer_path.exists():
+        raise SystemExit(f"{config.model}: missing file tokenizer.json")
+    frontend = Frontend(config, Tokenizer.from_file(str(tokenizer_path)))
+
+    interceptors = [AuthInterceptor(config.auth_token)] if config.auth_token else []
+    server = grpc.aio.server(interceptors=interceptors)
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(frontend), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{config.host}:{config.port}"
+    server.add_insecure_port(address)
+
+    serving, not_serving = (
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    )
+
+    def set_health(ok: bool) -> None:
+        status = serving if ok else not_serving
+        for name in ("", SERVICE):
+            asyncio.get_running_loop().create_task(health_servicer.set(name, status))
+
+    frontend.on_health_change = set_health
+    set_health(False)
+    await server.start()
+    frontend.start()
+    log.info("shoal listening on %s (model %s, %d workers)", address, config.model, config.workers)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if started is not None:
+        started.set()
+    await stop.wait()
+
+    log.info("draining: up to %.0f s for running requests", config.drain_grace_s)
+    await frontend.drain()
+    await server.stop(grace=1.0)
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = ServerConfig.from_args(argv)
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(serve(config))
+    return 0

@@ -1,0 +1,147 @@
+"""ServerConfig: the front process's validated settings, built once at start.
+
+Every setting comes from a command-line flag, else an environment variable, else
+the default below (flags override env, env overrides defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+DEVICES = ("auto", "cpu", "cuda")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MAX_PORT = 65535
+
+# field -> (environment variable, help). The flag is `--` + the field name with dashes.
+_OPTIONS: dict[str, tuple[str, str]] = {
+    "model": ("MODEL", "model directory (config.json, *.safetensors, tokenizer.json)"),
+    "host": ("HOST", "address to listen on"),
+    "port": ("PORT", "gRPC port (0 = pick a free one)"),
+    "workers": ("NUM_WORKERS", "worker processes"),
+    "device": ("DEVICE", "auto, cpu or cuda"),
+    "max_batch_size": ("BATCH_SIZE", "running sequences per worker"),
+    "max_queue_len": ("MAX_QUEUE_LEN", "pending requests before RESOURCE_EXHAUSTED"),
+    "kv_cache_mb": ("KV_CACHE_MB", "KV cache budget per worker, MiB"),
+    "metrics_port": ("METRICS_PORT", "Prometheus metrics port (0 = off)"),
+    "prefill_token_budget": ("PREFILL_TOKEN_BUDGET", "prompt tokens per engine step"),
+    "max_new_tokens_limit": ("MAX_NEW_TOKENS_LIMIT", "largest max_new_tokens accepted"),
+    "batch_timeout_ms": ("BATCH_TIMEOUT_MS", "batching window while a worker is idle, ms"),
+    "aging_s": ("AGING_S", "a queued request moves up one priority class per this many s"),
+    "retention_s": ("RETENTION_S", "seconds a finished result is kept for replay"),
+    "retention_count": ("RETENTION_COUNT", "finished results kept for replay"),
+    "drain_grace_s": ("DRAIN_GRACE_S", "seconds running requests get on shutdown"),
+    "ring_mb": ("RING_MB", "shared-memory ring per direction, MiB (power of two)"),
+    "auth_token": ("AUTH_TOKEN", "bearer token clients must send (empty = auth off)"),
+    "log_level": ("LOG_LEVEL", "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
+}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 50051
+    workers: int = 1
+    device: str = "auto"
+    max_batch_size: int = 32
+    max_queue_len: int = 1024
+    kv_cache_mb: float = 256.0
+    metrics_port: int = 0  # 0 = no metrics endpoint
+    prefill_token_budget: int = 512
+    max_new_tokens_limit: int = 4096
+    batch_timeout_ms: float = 5.0
+    aging_s: float = 10.0
+    retention_s: float = 300.0
+    retention_count: int = 10000
+    drain_grace_s: float = 30.0
+    ring_mb: int = 4
+    auth_token: str = field(default="", repr=False)  # a secret: kept out of logs
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError(_named("model", "must be set"))
+        if not self.host:
+            raise ValueError(_named("host", "must not be empty"))
+        for name in ("port", "metrics_port"):
+            _check(name, getattr(self, name), lambda v: 0 <= v <= MAX_PORT, f"in [0, {MAX_PORT}]")
+        for name in (
+            "workers",
+            "max_batch_size",
+            "max_queue_len",
+            "prefill_token_budget",
+            "max_new_tokens_limit",
+            "ring_mb",
+        ):
+            _check(name, getattr(self, name), lambda v: v >= 1, ">= 1")
+        for name in ("kv_cache_mb", "aging_s"):
+            _check(name, getattr(self, name), lambda v: v > 0, "> 0")
+        for name in ("batch_timeout_ms", "retention_s", "retention_count", "drain_grace_s"):
+            _check(name, getattr(self, name), lambda v: v >= 0, ">= 0")
+        # A ring's read/write offsets wrap with a mask, so its size must be 2**k bytes.
+        _check("ring_mb", self.ring_mb, lambda v: v & (v - 1) == 0, "a power of two")
+        if self.device not in DEVICES:
+            raise ValueError(_named("device", f"must be one of {', '.join(DEVICES)}"))
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(_named("log_level", f"must be one of {', '.join(LOG_LEVELS)}"))
+
+    @property
+    def ring_bytes(self) -> int:
+        return self.ring_mb << 20
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.auth_token)
+
+    @classmethod
+    def from_args(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> ServerConfig:
+        """Parse flags over env over defaults. Bad syntax exits (argparse); bad values raise."""
+        argv = sys.argv[1:] if argv is None else argv
+        environ = os.environ if environ is None else environ
+        namespace = build_parser(environ).parse_args(list(argv))
+        return cls(**vars(namespace))
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m server", description="shoal gRPC inference server"
+    )
+    for spec in dataclasses.fields(ServerConfig):
+        env, text = _OPTIONS[spec.name]
+        convert = _converter(spec.name, spec.type)
+        kwargs: dict[str, Any] = {"dest": spec.name, "type": convert, "help": f"{text} (${env})"}
+        if env in environ:
+            # argparse runs `type` on string defaults, so a bad env value is reported too.
+            kwargs["default"] = environ[env]
+        elif spec.default is dataclasses.MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = spec.default
+        parser.add_argument("--" + spec.name.replace("_", "-"), **kwargs)
+    return parser
+
+
+def _converter(name: str, annotation: object) -> Callable[[str], Any]:
+    # Annotations are strings here (from __future__ import annotations).
+    if name == "log_level":
+        return str.upper
+    return {"int": int, "float": float}.get(str(annotation), str)
+
+
+def _named(name: str, rule: str) -> str:
+    env = _OPTIONS[name][0]
+    return f"{name} (--{name.replace('_', '-')} / ${env}) {rule}"
+
+
+def _check(name: str, value: float, ok: Callable[[float], bool], rule: str) -> None:
+    # NaN fails every comparison, so it is rejected by the same test.
+    if not ok(value):
+        raise ValueError(_named(name, f"must be {rule} (got {value!r})"))

@@ -1,0 +1,176 @@
+"""Request state on the front: tokens and text as they arrive, listeners, retention.
+
+A request's completion is kept token by token, with the text each token
+released (text held back by the detokenizer is attributed to the token that
+releases it). Any listener can therefore replay from any token index and
+then follow live; finished requests stay for a bounded time and count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from server.detokenizer import IncrementalText
+from server.validation import ValidatedRequest
+from worker.sequence import FinishReason
+
+
+class RequestError(Exception):
+    """A request ended by the server, not the model (e.g. its worker died)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code  # a grpc.StatusCode name, kept free of grpc here
+
+
+@dataclass
+class Chunk:
+    """Plain form of a GenerateChunk; the servicer converts it at the edge."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason = FinishReason.NONE
+    prompt_tokens: int = 0
+    queue_ms: float = 0.0
+    ttft_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass(eq=False)
+class RequestState:
+    request_id: str
+    handle: int
+    request: ValidatedRequest
+    text: IncrementalText
+    arrival: float = field(default_factory=time.monotonic)
+    dispatched_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    worker: int | None = None
+    token_ids: list[int] = field(default_factory=list)
+    text_deltas: list[str] = field(default_factory=list)
+    finish_reason: FinishReason = FinishReason.NONE
+    error: RequestError | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_at is not None
+
+    def add_tokens(self, token_ids: list[int]) -> bool:
+        """Append generated tokens; True when a stop string ended the request."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        for token in token_ids:
+            delta = self.text.add([token])
+            self.token_ids.append(token)
+            self.text_deltas.append(delta.text)
+            if delta.stopped:
+                self.finish(FinishReason.STOP, flush=False)  # nothing after a stop string
+                return True
+        self.notify()
+        return False
+
+    def finish(
+        self, reason: FinishReason, error: RequestError | None = None, flush: bool = True
+    ) -> None:
+        if self.finished:
+            return
+        if flush:
+            tail = self.text.finish()  # text held back in case a stop string followed
+            if tail and self.text_deltas:
+                self.text_deltas[-1] += tail
+            if self.text.stopped and reason != FinishReason.CANCELLED:
+                reason = FinishReason.STOP  # the flushed text completed a stop string
+        self.finish_reason, self.error = reason, error
+        self.finished_at = time.monotonic()
+        self.notify()
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def chunk_from(self, index: int) -> Chunk:
+        """Everything from token `index` on, as one chunk (final fields if finished)."""
+        chunk = Chunk(
+            self.request_id,
+            index,
+            self.token_ids[index:],
+            "".join(self.text_deltas[index:]),
+        )
+        if self.finished:
+            end = self.finished_at or self.arrival
+            started = self.dispatched_at or end
+            chunk.finish_reason = self.finish_reason
+            chunk.prompt_tokens = len(self.request.prompt_ids)
+            chunk.queue_ms = (started - self.arrival) * 1000
+            chunk.ttft_ms = ((self.first_token_at or end) - self.arrival) * 1000
+            chunk.total_ms = (end - self.arrival) * 1000
+        return chunk
+
+    async def follow(self, from_index: int = 0) -> AsyncIterator[Chunk]:
+        """Replay from `from_index`, then follow live until the request ends."""
+        index = from_index
+        while True:
+            changed = self._changed
+            if self.error is not None:
+                raise self.error
+            if index < len(self.token_ids) or self.finished:
+                chunk = self.chunk_from(index)
+                index += len(chunk.token_ids)
+                yield chunk
+                if chunk.finish_reason != FinishReason.NONE:  # not self.finished: it may
+                    return  # have finished while we were suspended at the yield
+            await changed.wait()
+
+
+class DuplicateRequestId(ValueError):
+    pass
+
+
+class RequestRegistry:
+    """Live requests by id and by channel handle, plus retained finished ones."""
+
+    def __init__(self, retention_s: float, retention_count: int) -> None:
+        self.retention_s = retention_s
+        self.retention_count = retention_count
+        self.live: dict[str, RequestState] = {}
+        self.by_handle: dict[int, RequestState] = {}
+        self.retired: OrderedDict[str, RequestState] = OrderedDict()
+        self._handles = itertools.count(1)
+
+    def create(self, request: ValidatedRequest, text: IncrementalText) -> RequestState:
+        self.expire()
+        request_id = request.request_id or uuid.uuid4().hex
+        if request_id in self.live or request_id in self.retired:
+            raise DuplicateRequestId(f"request_id {request_id!r} is already in use")
+        state = RequestState(request_id, next(self._handles), request, text)
+        self.live[request_id] = state
+        self.by_handle[state.handle] = state
+        return state
+
+    def get(self, request_id: str) -> RequestState | None:
+        return self.live.get(request_id) or self.retired.get(request_id)
+
+    def retire(self, state: RequestState) -> None:
+        """Move a finished request to the bounded replay store."""
+        self.live.pop(state.request_id, None)
+        self.by_handle.pop(state.handle, None)
+        self.retired[state.request_id] = state
+        self.expire()
+
+    def expire(self) -> None:
+        horizon = time.monotonic() - self.retention_s
+        while self.retired and (
+            len(self.retired) > self.retention_count
+            or (next(iter(self.retired.values())).finished_at or 0) < horizon
+        ):
+            self.retired.popitem(last=False)

@@ -1,0 +1,179 @@
+"""The gRPC edge: protobuf in, plain types to the Frontend, protobuf out, status codes.
+
+Only this module (with server/validation.py) touches protobuf messages.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from server.frontend import Frontend, Unavailable, UnknownRequest
+from server.pending_queue import QueueFull
+from server.requests import Chunk, DuplicateRequestId, RequestError, RequestState
+from server.validation import InvalidRequest, validate
+from shoal.v1 import inference_pb2 as pb
+from shoal.v1 import inference_pb2_grpc as pb_grpc
+from worker.sequence import FinishReason
+
+log = logging.getLogger(__name__)
+
+
+def chunk_to_proto(chunk: Chunk) -> pb.GenerateChunk:
+    message = pb.GenerateChunk(
+        request_id=chunk.request_id,
+        index=chunk.index,
+        token_ids=chunk.token_ids,
+        text=chunk.text,
+        finish_reason=int(chunk.finish_reason),
+    )
+    if chunk.finish_reason != FinishReason.NONE:
+        completion = chunk.index + len(chunk.token_ids)
+        message.usage.CopyFrom(
+            pb.Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=completion)
+        )
+        message.timing.CopyFrom(
+            pb.Timing(queue_ms=chunk.queue_ms, ttft_ms=chunk.ttft_ms, total_ms=chunk.total_ms)
+        )
+    return message
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
+
+    async def _admit(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> RequestState:
+        if not self.frontend.serving:
+            reason = "server is draining" if self.frontend.draining else "no worker is ready"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
+        try:
+            validated = validate(request, self.frontend.limits(), self.frontend.tokenizer)
+            return self.frontend.submit(validated)
+        except (InvalidRequest, DuplicateRequestId) as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except QueueFull as err:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        except Unavailable as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        raise AssertionError("unreachable")
+
+    async def _relay(
+        self, state: RequestState, from_index: int, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        try:
+            async for chunk in state.follow(from_index):
+                yield chunk_to_proto(chunk)
+        except RequestError as err:
+            await context.abort(grpc.StatusCode[err.code], str(err))
+
+    async def Submit(self, request, context):
+        state = await self._admit(request, context)
+        return pb.SubmitResponse(request_id=state.request_id)
+
+    async def Generate(self, request, context):
+        state = await self._admit(request, context)
+        try:
+            async for chunk in self._relay(state, 0, context):
+                yield chunk
+        finally:
+            if not state.finished:  # the call was cancelled or its deadline passed
+                await self.frontend.cancel(state.request_id)
+
+    async def Stream(self, request, context):
+        try:
+            state = self.frontend.get(request.request_id)
+        except UnknownRequest as err:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(err.args[0]))
+        if request.from_index > len(state.token_ids) and state.finished:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"from_index {request.from_index} is past the end of the completion "
+                f"({len(state.token_ids)} tokens)",
+            )
+        async for chunk in self._relay(state, request.from_index, context):
+            yield chunk
+
+    async def Cancel(self, request, context):
+        try:
+            return pb.CancelResponse(cancelled=await self.frontend.cancel(request.request_id))
+        except UnknownRequest as err:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(err.args[0]))
+
+    async def GetStats(self, request, context):
+        rows = []
+        for view in self.frontend.workers():
+            status = view.status
+            rows.append(
+                pb.WorkerStats(
+                    worker=view.index,
+                    alive=view.alive,
+                    active_sequences=status.active_sequences if status else 0,
+                    total_tokens=status.total_tokens if status else 0,
+                    utilization=status.active_sequences / view.max_batch_size
+                    if status and view.max_batch_size
+                    else 0.0,
+                    queue_length=status.waiting if status else 0,
+                    kv_blocks_used=status.kv_blocks_used if status else 0,
+                    kv_blocks_total=status.kv_blocks_total if status else 0,
+                )
+            )
+        slots = sum(v.max_batch_size for v in self.frontend.workers())
+        total = pb.WorkerStats(
+            worker=-1,
+            alive=any(r.alive for r in rows),
+            active_sequences=sum(r.active_sequences for r in rows),
+            total_tokens=sum(r.total_tokens for r in rows),
+            utilization=sum(r.active_sequences for r in rows) / slots if slots else 0.0,
+            queue_length=len(self.frontend.queue),
+            kv_blocks_used=sum(r.kv_blocks_used for r in rows),
+            kv_blocks_total=sum(r.kv_blocks_total for r in rows),
+        )
+        return pb.Stats(workers=rows, total=total)
+
+    async def GetModelInfo(self, request, context):
+        model = self.frontend.model
+        if model is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is ready")
+        return pb.ModelInfo(
+            name=model.model_name,
+            architecture=model.architecture,
+            vocab_size=model.vocab_size,
+            max_context=model.max_seq_len,
+            eos_token_ids=list(model.eos_token_ids),
+            device=model.device,
+            max_new_tokens_limit=self.frontend.config.max_new_tokens_limit,
+        )
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED unless `authorization: Bearer <token>` matches (health stays open)."""
+
+    def __init__(self, token: str) -> None:
+        self.expected = f"Bearer {token}"
+
+    async def intercept_service(self, continuation, details):  # type: ignore[no-untyped-def]
+        if details.method.startswith("/grpc."):  # health and reflection
+            return await continuation(details)
+        metadata = dict(details.invocation_metadata or ())
+        if metadata.get("authorization") == self.expected:
+            return await continuation(details)
+        return _deny(details.method)
+
+
+def _deny(method: str) -> grpc.RpcMethodHandler:
+    async def abort(request, context):  # type: ignore[no-untyped-def]
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    streaming = method.endswith(("/Stream", "/Generate"))
+    if streaming:
+
+        async def abort_stream(request, context):  # type: ignore[no-untyped-def]
+            await abort(request, context)
+            yield  # pragma: no cover
+
+        return grpc.unary_stream_rpc_method_handler(abort_stream)
+    return grpc.unary_unary_rpc_method_handler(abort)
