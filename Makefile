@@ -4,9 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 MODEL ?= models/default
+PORT ?= 50051
 PROTO_SRC := $(wildcard protos/shoal/v1/*.proto)
 
-.PHONY: install protos model run test bench gpu-check fixtures clean
+.PHONY: install protos lint-proto model run run-batch test bench gpu-check fixtures clean
 
 install: $(STAMP) protos
 
@@ -22,12 +23,37 @@ ifneq ($(PROTO_SRC),)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)
 endif
 
+# buf lint of the proto (rules in protos/buf.yaml). buf comes from npm into a
+# cache under .venv, installed once; skipped with a message when npm is missing.
+# Not part of `make test`.
+BUF_VERSION ?= 1.75.0
+BUF_DIR := $(VENV)/buf
+BUF := $(BUF_DIR)/node_modules/.bin/buf
+lint-proto:
+	@if [ ! -x $(BUF) ] && ! command -v npm >/dev/null 2>&1; then \
+		echo "lint-proto: npm not found; skipping buf lint (install Node.js/npm to run it)"; \
+	else \
+		if [ ! -x $(BUF) ]; then \
+			mkdir -p $(BUF_DIR) && \
+			npm install --silent --no-audit --no-fund --prefix $(BUF_DIR) @bufbuild/buf@$(BUF_VERSION) || exit 1; \
+		fi; \
+		$(BUF) lint protos && echo "lint-proto: buf lint OK"; \
+	fi
+
 # The default model: a small random-weight Llama checkpoint in the real HF format.
 model: $(MODEL)/config.json
 $(MODEL)/config.json: | $(STAMP)
 	$(BIN)/python -m worker.random_checkpoint --preset default --out $(MODEL)
 
 run: install model
+	@echo "shoal: serving $(MODEL) on 127.0.0.1:$(PORT) (Ctrl-C drains and stops). In another shell:"
+	@echo "  .venv/bin/python -m client generate 'Hello, shoal' --stream --max-new-tokens 32"
+	@echo "  .venv/bin/python -m client stats"
+	@echo "  grpcurl -plaintext 127.0.0.1:$(PORT) list    # reflection: no .proto needed"
+	$(BIN)/python -m server --model $(MODEL) --host 127.0.0.1 --port $(PORT)
+
+# Offline batch inference over the example prompts, no server.
+run-batch: install model
 	$(BIN)/python -m worker.batch --model $(MODEL) --input examples/prompts.jsonl --output /dev/stdout
 
 test: install

@@ -5,6 +5,12 @@ over what a dns:/// name resolves to), so the client needs no balancer of its ow
 call goes to one server for its whole life, so Generate is always safe; but Submit then
 Stream/Cancel by id are separate calls and may land on different servers, which know only
 their own requests (NOT_FOUND): use one target for that pattern.
+
+With several servers the channel also watches each one's grpc.health.v1 status and sends
+nothing to a server that is not SERVING (draining on shutdown, or no worker up), and a call
+that a server refuses with UNAVAILABLE before answering anything is retried (at most twice
+more, on the next server). Without these a server that is shutting down keeps accepting
+calls and fails every one it is picked for until it exits.
 """
 
 from __future__ import annotations
@@ -17,7 +23,24 @@ from collections.abc import Iterable, Sequence
 Target = str | Sequence[str]
 ChannelOptions = list[tuple[str, str | int]]
 
-ROUND_ROBIN_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+ROUND_ROBIN_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": ""},
+        "methodConfig": [
+            {
+                "name": [{"service": "shoal.v1.Inference"}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "0.5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
 # Targets that already name a gRPC resolver scheme are passed through untouched.
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 

@@ -281,3 +281,28 @@ def test_killed_worker_fails_its_requests_and_comes_back(
     finally:
         assert server.stop() == 0
     assert server.segments() == []
+
+
+def test_sigterm_drains_running_requests_then_exits_cleanly(
+    default_model: Path, tmp_path: Path
+) -> None:
+    server = start_server(
+        default_model, tmp_path / "log", "--workers", "1", "--drain-grace-s", "60"
+    )
+    stub = server.stub()
+    request = pb.GenerateRequest(prompt="finish me", max_new_tokens=600, ignore_eos=True)
+    stream = stub.Generate(request, timeout=60)
+    first = next(stream)
+    server.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while server.health() == health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Submit(pb.GenerateRequest(prompt="too late", max_new_tokens=2))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert server.process.poll() is None  # still draining: the long request is running
+    rest = [first, *stream]
+    assert sum(len(c.token_ids) for c in rest) == 600
+    assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert server.process.wait(timeout=60) == 0
+    assert server.segments() == []
