@@ -1,27 +1,23 @@
-"""The client library and CLI without a shoal server: pure helpers, plus the real client
-code paths against a tiny in-process fake of the Inference service."""
+"""The client library and CLI without any server: targets and channel options, request
+building, protobuf conversion, JSONL parsing, argument parsing. Everything that talks to a
+service runs against a real `python -m server` in test_client_e2e.py."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import random
-from collections.abc import AsyncIterator, Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from client import AsyncShoalClient, Chunk, ShoalClient, ShoalError, build_request
-from client.batch import BatchJob, parse_lines, run_batch, write_records
+from client import Chunk, ShoalError, build_request
+from client.batch import BatchJob, count_failed, parse_lines, result_record, write_records
 from client.channel import ROUND_ROBIN_CONFIG, auth_metadata, channel_target
 from client.cli import build_parser, parse_args, request_params
-from client.commands import main, stats_table, summary_line
+from client.commands import stats_table, summary_line
 from client.types import CompletionBuilder, chunk_from_pb, model_info_from_pb, stats_from_pb
 from shoal.v1 import inference_pb2 as pb
-from shoal.v1 import inference_pb2_grpc as pb_grpc
 
 RR = ("grpc.service_config", ROUND_ROBIN_CONFIG)
 
@@ -46,6 +42,18 @@ def test_dns_target_gets_round_robin_and_options_are_kept() -> None:
     target, options = channel_target("dns:///shoal:50051", [("grpc.max_receive_message_length", 9)])
     assert target == "dns:///shoal:50051"
     assert options == [("grpc.max_receive_message_length", 9), RR]
+
+
+def test_balanced_channels_skip_unhealthy_servers_and_retry_refusals() -> None:
+    config = json.loads(ROUND_ROBIN_CONFIG)
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert config["healthCheckConfig"] == {"serviceName": ""}  # grpc.health.v1, whole server
+    (method,) = config["methodConfig"]
+    assert method["name"] == [{"service": "shoal.v1.Inference"}]
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert method["retryPolicy"]["maxAttempts"] == 3
+    custom = ("grpc.service_config", "{}")  # a caller's own service config wins
+    assert channel_target("127.0.0.1:1,127.0.0.1:2", [custom])[1] == [custom]
 
 
 @pytest.mark.parametrize(
@@ -150,16 +158,10 @@ def test_stats_and_model_info_conversion() -> None:
 
 
 def test_shoal_error_is_an_rpc_error_with_attributes() -> None:
-    class Failed(grpc.RpcError):
-        def code(self) -> grpc.StatusCode:
-            return grpc.StatusCode.NOT_FOUND
-
-        def details(self) -> str:
-            return "unknown request_id 'x'"
-
-    err = ShoalError.from_rpc(Failed())
+    err = ShoalError(grpc.StatusCode.NOT_FOUND, "unknown request_id 'x'")
     assert isinstance(err, grpc.RpcError) and err.code is grpc.StatusCode.NOT_FOUND
-    assert str(err) == "NOT_FOUND: unknown request_id 'x'"
+    assert str(err) == "NOT_FOUND: unknown request_id 'x'" and err.details.startswith("unknown")
+    assert ShoalError.from_rpc(err) is err
     assert ShoalError.from_rpc(grpc.RpcError()).code is grpc.StatusCode.UNKNOWN
 
 
@@ -197,51 +199,33 @@ def test_batch_lines_become_jobs_or_error_records() -> None:
     assert last.params["max_new_tokens"] == 0
 
 
-class FakeAsyncClient:
-    """Answers in random order; fails prompts starting with "bad"; tracks concurrency."""
-
-    def __init__(self) -> None:
-        self.in_flight = self.peak = 0
-
-    async def generate(self, prompt: str | None = None, **params: Any) -> AsyncIterator[Chunk]:
-        self.in_flight += 1
-        self.peak = max(self.peak, self.in_flight)
-        try:
-            await asyncio.sleep(random.random() / 200)
-            if prompt and prompt.startswith("bad"):
-                raise ShoalError(grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens must be > 0")
-            n = params["max_new_tokens"]
-            yield Chunk("srv", 0, tuple(range(n)), prompt or "", None)
-            await asyncio.sleep(random.random() / 200)
-            usage = pb.Usage(prompt_tokens=1, completion_tokens=n)
-            yield chunk_from_pb(pb.GenerateChunk(finish_reason=1, text="!", usage=usage))
-        finally:
-            self.in_flight -= 1
-
-
-def test_batch_runs_concurrently_and_answers_in_input_order(tmp_path: Path) -> None:
-    lines = [json.dumps({"prompt": f"p{i}", "max_new_tokens": i % 4 + 1}) for i in range(40)]
-    lines[5] = json.dumps({"prompt": "bad", "max_new_tokens": 1})
-    lines[9] = "{oops"
-    fake = FakeAsyncClient()
-    records = asyncio.run(run_batch(fake, parse_lines(lines), concurrency=6))
-    assert [r["request_id"] for r in records] == [f"line-{i + 1}" for i in range(40)]
-    assert 1 < fake.peak <= 6
-    assert records[5] == {
-        "request_id": "line-6",
-        "error": "line 6: INVALID_ARGUMENT: max_new_tokens must be > 0",
-    }
-    assert records[9]["error"].startswith("line 10: INVALID_ARGUMENT:")
-    assert records[7] == {
-        "request_id": "line-8",
-        "token_ids": [0, 1, 2, 3],
-        "text": "p7!",
-        "finish_reason": "LENGTH",
-        "usage": {"prompt_tokens": 1, "completion_tokens": 4},
+def test_records_are_written_one_json_object_a_line(tmp_path: Path) -> None:
+    builder = CompletionBuilder()
+    builder.add(Chunk("srv-1", 0, (5, 6), "ca"))
+    usage = pb.Usage(prompt_tokens=1, completion_tokens=3)
+    builder.add(
+        chunk_from_pb(
+            pb.GenerateChunk(
+                index=2, token_ids=[7], text="fé", usage=usage, finish_reason=pb.FINISH_REASON_EOS
+            )
+        )
+    )
+    records = [
+        result_record("line-1", builder.build()),
+        {"request_id": "b", "error": "line 2: INVALID_ARGUMENT: max_new_tokens must be > 0"},
+    ]
+    assert records[0] == {
+        "request_id": "line-1",
+        "token_ids": [5, 6, 7],
+        "text": "café",
+        "finish_reason": "EOS",
+        "usage": {"prompt_tokens": 1, "completion_tokens": 3},
     }
     write_records(tmp_path / "out.jsonl", records)
-    back = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert back == records
+    text = (tmp_path / "out.jsonl").read_text(encoding="utf-8")
+    assert "café" in text  # written as UTF-8, not \u escapes
+    assert [json.loads(x) for x in text.splitlines()] == records
+    assert count_failed(records) == 1
 
 
 # --- CLI arguments --------------------------------------------------------------------------
@@ -316,142 +300,3 @@ def test_stream_and_batch_arguments() -> None:
     args = parse_args(["batch", "--input", "in.jsonl", "--output", "out.jsonl"])
     assert args.input == Path("in.jsonl") and args.concurrency == 16
     assert "bench" not in build_parser().format_help()
-
-
-# --- the real client code paths against a fake in-process service ---------------------------
-
-
-class FakeInference(pb_grpc.InferenceServicer):
-    """Generates token i as text "t<i> "; remembers the metadata it saw."""
-
-    def __init__(self, name: str = "fake") -> None:
-        self.name = name
-        self.metadata: list[dict[str, str]] = []
-
-    def _chunks(self, request_id: str, n: int, start: int = 0) -> Iterator[pb.GenerateChunk]:
-        for i in range(start, n):
-            yield pb.GenerateChunk(request_id=request_id, index=i, token_ids=[i], text=f"t{i} ")
-        yield pb.GenerateChunk(
-            request_id=request_id,
-            index=n,
-            finish_reason=pb.FINISH_REASON_LENGTH,
-            usage=pb.Usage(prompt_tokens=2, completion_tokens=n),
-            timing=pb.Timing(queue_ms=0.5, ttft_ms=1.5, total_ms=4.0),
-        )
-
-    def Generate(self, request: pb.GenerateRequest, context: Any) -> Iterator[pb.GenerateChunk]:
-        self.metadata.append(dict(context.invocation_metadata()))
-        if request.max_new_tokens == 0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens must be > 0")
-        yield from self._chunks(request.request_id or "gen-1", request.max_new_tokens)
-
-    def Submit(self, request: pb.GenerateRequest, context: Any) -> pb.SubmitResponse:
-        return pb.SubmitResponse(request_id=request.request_id or self.name)
-
-    def Stream(self, request: pb.StreamRequest, context: Any) -> Iterator[pb.GenerateChunk]:
-        if request.request_id == "missing":
-            context.abort(grpc.StatusCode.NOT_FOUND, "unknown request_id 'missing'")
-        yield from self._chunks(request.request_id, 4, request.from_index)
-
-    def Cancel(self, request: pb.CancelRequest, context: Any) -> pb.CancelResponse:
-        return pb.CancelResponse(cancelled=request.request_id == "running")
-
-    def GetStats(self, request: pb.GetStatsRequest, context: Any) -> pb.Stats:
-        return pb.Stats(workers=[pb.WorkerStats(worker=0, alive=True)], total=pb.WorkerStats())
-
-    def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Any) -> pb.ModelInfo:
-        return pb.ModelInfo(name="tiny", architecture="llama", eos_token_ids=[2])
-
-
-@pytest.fixture
-def fake_servers() -> Iterator[list[tuple[str, FakeInference]]]:
-    """Two fake services on 127.0.0.1, each on its own port."""
-    servers, out = [], []
-    for name in ("a", "b"):
-        servicer = FakeInference(name)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        pb_grpc.add_InferenceServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        servers.append(server)
-        out.append((f"127.0.0.1:{port}", servicer))
-    yield out
-    for server in servers:
-        server.stop(None)
-
-
-def test_sync_client_calls(fake_servers: list[tuple[str, FakeInference]]) -> None:
-    target, servicer = fake_servers[0]
-    with ShoalClient(target, auth_token="tok", timeout=10) as shoal:
-        chunks = list(shoal.generate("hi", max_new_tokens=3))
-        assert [c.text for c in chunks] == ["t0 ", "t1 ", "t2 ", ""]
-        assert chunks[-1].finish_reason == "LENGTH" and chunks[0].finish_reason is None
-        assert servicer.metadata[-1]["authorization"] == "Bearer tok"
-        done = shoal.generate_text(prompt_token_ids=[1], max_new_tokens=2, request_id="r")
-        assert (done.request_id, done.text, done.token_ids) == ("r", "t0 t1 ", (0, 1))
-        assert done.usage and done.usage.completion_tokens == 2
-        assert shoal.submit("hi") == "a" and shoal.submit("hi", request_id="mine") == "mine"
-        assert [c.index for c in shoal.stream("r2", from_index=2)] == [2, 3, 4]
-        assert shoal.cancel("running") and not shoal.cancel("done")
-        assert shoal.stats().workers[0].alive and shoal.model_info().eos_token_ids == (2,)
-        with pytest.raises(ShoalError) as err:
-            list(shoal.stream("missing"))
-        assert err.value.code is grpc.StatusCode.NOT_FOUND and "missing" in err.value.details
-        with pytest.raises(grpc.RpcError):  # ShoalError is still a grpc.RpcError
-            shoal.generate_text("hi", max_new_tokens=0)
-
-
-def test_several_targets_spread_calls_round_robin(
-    fake_servers: list[tuple[str, FakeInference]],
-) -> None:
-    with ShoalClient([t for t, _ in fake_servers], timeout=10) as shoal:
-        shoal.wait_ready(10)
-        seen = {shoal.submit("x") for _ in range(50)}
-    assert seen == {"a", "b"}
-
-
-def test_async_client_and_batch_command(
-    fake_servers: list[tuple[str, FakeInference]], tmp_path: Path, capsys: Any
-) -> None:
-    target = fake_servers[0][0]
-
-    async def calls() -> None:
-        async with AsyncShoalClient(target, timeout=10) as shoal:
-            await shoal.wait_ready(10)
-            done = await shoal.generate_text("hi", max_new_tokens=2)
-            assert done.text == "t0 t1 " and done.finish_reason == "LENGTH"
-            assert await shoal.submit("x") == "a" and await shoal.cancel("running")
-            assert [c.index async for c in shoal.stream("r", 3)] == [3, 4]
-            assert (await shoal.model_info()).name == "tiny"
-            with pytest.raises(ShoalError) as err:
-                await shoal.generate_text("hi", max_new_tokens=0)
-            assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT
-
-    asyncio.run(calls())
-    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    lines = [{"request_id": "x", "prompt": "a", "max_new_tokens": 2}, {"prompt": "b"}]
-    src.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    argv = ["--target", target, "batch", "--input", str(src), "--output", str(out)]
-    assert main(argv) == 1  # the second line has no max_new_tokens
-    records = [json.loads(x) for x in out.read_text().splitlines()]
-    assert records[0]["text"] == "t0 t1 " and records[0]["usage"]["completion_tokens"] == 2
-    assert records[1] == {
-        "request_id": "line-2",
-        "error": "line 2: INVALID_ARGUMENT: max_new_tokens must be > 0",
-    }
-    assert "1 failed" in capsys.readouterr().err
-
-
-def test_cli_commands(fake_servers: list[tuple[str, FakeInference]], capsys: Any) -> None:
-    target = fake_servers[0][0]
-    assert main(["generate", "hi", "--stream", "--max-new-tokens", "3", "--target", target]) == 0
-    out, err = capsys.readouterr()
-    assert out == "t0 t1 t2 \n" and "finish=LENGTH tokens=3" in err and "ttft_ms=1.5" in err
-    assert main(["--target", target, "submit", "--token-ids", "1,2"]) == 0
-    assert capsys.readouterr().out == "a\n"
-    assert main(["--target", target, "stats"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1].split()[0] == "total"
-    assert main(["--target", target, "info", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["architecture"] == "llama"
-    assert main(["--target", target, "stream", "missing"]) == 1
-    assert capsys.readouterr().err == "error: NOT_FOUND: unknown request_id 'missing'\n"
