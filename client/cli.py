@@ -7,11 +7,13 @@ command name, so `python -m client stats --target h:1` works as well.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from client.bench import LengthDist
 from client.channel import split_targets
 from client.request import PRIORITY_NAMES
 from client.sync import DEFAULT_TARGET
@@ -97,7 +99,29 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--input", required=True, type=Path)
     batch.add_argument("--output", required=True, type=Path)
     batch.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    bench = add("bench", "serving load generator: latency and throughput tables")
+    bench.add_argument("--requests", type=int, default=100)
+    bench.add_argument(
+        "--rate", type=float, default=math.inf, help="requests/s, Poisson; inf = all at once"
+    )
+    bench.add_argument("--concurrency", type=int, default=None, help="cap on requests in flight")
+    bench.add_argument(
+        "--prompt-len", type=_length, default=LengthDist(16, 512), metavar="N|LOW:HIGH"
+    )
+    bench.add_argument(
+        "--output-len", type=_length, default=LengthDist(16, 256), metavar="N|LOW:HIGH"
+    )
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--json", type=Path, help="write every request's record here")
+    bench.add_argument("--plot", type=Path, help="write a PNG (needs the bench extra: matplotlib)")
     return parser
+
+
+def _length(text: str) -> LengthDist:
+    try:
+        return LengthDist.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,8 +137,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.prompt = sys.stdin.read()
         if (args.prompt is None) == (args.prompt_token_ids is None):
             parser.error(f"{args.command}: give exactly one of a prompt or --token-ids")
-    if args.command == "batch" and args.concurrency < 1:
+    if args.command in ("batch", "bench") and args.concurrency is not None and args.concurrency < 1:
         parser.error("--concurrency must be >= 1")
+    if args.command == "bench" and (args.requests < 1 or not args.rate > 0):
+        parser.error("bench: --requests must be >= 1 and --rate > 0")
     return args
 
 

@@ -8,12 +8,14 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from typing import TextIO
 
 import grpc
 
 from client.aio import AsyncShoalClient
 from client.batch import count_failed, parse_lines, run_batch, write_records
+from client.bench import BenchPlan, run_bench, summarize, summary_table
 from client.cli import parse_args, request_params
 from client.errors import ShoalError
 from client.progress import Progress
@@ -129,6 +131,37 @@ async def cmd_batch(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+async def cmd_bench(args: argparse.Namespace) -> int:
+    plan = BenchPlan(
+        requests=args.requests,
+        rate=args.rate,
+        prompt_len=args.prompt_len,
+        output_len=args.output_len,
+        seed=args.seed,
+        concurrency=args.concurrency,
+    )
+    progress = Progress(total=plan.requests)
+    async with AsyncShoalClient(
+        args.target, auth_token=args.auth_token, timeout=args.timeout
+    ) as client:
+        records, wall_s = await run_bench(client, plan, progress)
+    progress.close()
+    summary = summarize(records, wall_s)
+    print(summary_table(summary))
+    if args.json:
+        report = {
+            "plan": asdict(plan),
+            "summary": summary,
+            "records": [r.as_dict() for r in records],
+        }
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+    if args.plot:
+        from client.bench_plot import plot
+
+        plot(records, args.plot)
+    return 1 if summary["errors"] else 0
+
+
 COMMANDS: dict[str, Callable[[ShoalClient, argparse.Namespace], int]] = {
     "generate": cmd_generate,
     "submit": cmd_submit,
@@ -144,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "batch":
             return asyncio.run(cmd_batch(args))
+        if args.command == "bench":
+            return asyncio.run(cmd_bench(args))
         with ShoalClient(args.target, auth_token=args.auth_token, timeout=args.timeout) as client:
             return COMMANDS[args.command](client, args)
     except grpc.RpcError as rpc_err:
