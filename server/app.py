@@ -12,9 +12,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tokenizers import Tokenizer
 
+from server import logs
 from server.config import ServerConfig
 from server.frontend import Frontend
-from server.servicer import AuthInterceptor, InferenceServicer
+from server.servicer import AuthInterceptor, InferenceServicer, MetricsInterceptor
 from shoal.v1 import inference_pb2 as pb
 from shoal.v1 import inference_pb2_grpc as pb_grpc
 
@@ -29,7 +30,10 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
         raise SystemExit(f"{config.model}: missing file tokenizer.json")
     frontend = Frontend(config, Tokenizer.from_file(str(tokenizer_path)))
 
-    interceptors = [AuthInterceptor(config.auth_token)] if config.auth_token else []
+    # Metrics first: the outermost interceptor also counts the calls auth refuses.
+    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(frontend.metrics)]
+    if config.auth_token:
+        interceptors.append(AuthInterceptor(config.auth_token))
     server = grpc.aio.server(interceptors=interceptors)
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(frontend), server)
     health_servicer = health.aio.HealthServicer()
@@ -52,6 +56,12 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
 
     frontend.on_health_change = set_health
     set_health(False)
+    if config.metrics_port:
+        try:
+            frontend.metrics.serve(config.host, config.metrics_port)
+        except OSError as err:
+            raise SystemExit(f"metrics port {config.metrics_port}: {err}") from err
+        log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
     await server.start()
     frontend.start()
     log.info("shoal listening on %s (model %s, %d workers)", address, config.model, config.workers)
@@ -67,13 +77,12 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     log.info("draining: up to %.0f s for running requests", config.drain_grace_s)
     await frontend.drain()
     await server.stop(grace=1.0)
+    frontend.metrics.close()
     log.info("stopped")
 
 
 def main(argv: list[str] | None = None) -> int:
     config = ServerConfig.from_args(argv)
-    logging.basicConfig(
-        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(config.log_level, config.log_format)
     asyncio.run(serve(config))
     return 0

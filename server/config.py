@@ -16,6 +16,7 @@ from typing import Any
 
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
 MAX_PORT = 65535
 
 # field -> (environment variable, help). The flag is `--` + the field name with dashes.
@@ -39,6 +40,7 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "ring_mb": ("RING_MB", "shared-memory ring per direction, MiB (power of two)"),
     "auth_token": ("AUTH_TOKEN", "bearer token clients must send (empty = auth off)"),
     "log_level": ("LOG_LEVEL", "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
+    "log_format": ("LOG_FORMAT", "text (readable) or json (one object per line)"),
 }
 
 
@@ -63,6 +65,7 @@ class ServerConfig:
     ring_mb: int = 4
     auth_token: str = field(default="", repr=False)  # a secret: kept out of logs
     log_level: str = "INFO"
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -90,6 +93,10 @@ class ServerConfig:
             raise ValueError(_named("device", f"must be one of {', '.join(DEVICES)}"))
         if self.log_level not in LOG_LEVELS:
             raise ValueError(_named("log_level", f"must be one of {', '.join(LOG_LEVELS)}"))
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(_named("log_format", f"must be one of {', '.join(LOG_FORMATS)}"))
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValueError(_named("metrics_port", f"must differ from port (got {self.port})"))
 
     @property
     def ring_bytes(self) -> int:
@@ -133,6 +140,8 @@ def _converter(name: str, annotation: object) -> Callable[[str], Any]:
     # Annotations are strings here (from __future__ import annotations).
     if name == "log_level":
         return str.upper
+    if name == "log_format":
+        return str.lower
     return {"int": int, "float": float}.get(str(annotation), str)
 
 

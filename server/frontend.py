@@ -19,6 +19,8 @@ from tokenizers import Tokenizer
 
 from server.config import ServerConfig
 from server.detokenizer import IncrementalText
+from server.logs import REQUEST_LOGGER, request_fields
+from server.metrics import Metrics
 from server.pending_queue import PendingQueue
 from server.requests import RequestError, RequestRegistry, RequestState
 from server.validation import Limits, ValidatedRequest
@@ -28,6 +30,7 @@ from worker.engine_config import EngineConfig
 from worker.sequence import FinishReason
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger(REQUEST_LOGGER)
 
 
 class Unavailable(Exception):
@@ -62,6 +65,8 @@ class Frontend:
             self._on_ready, self._on_tokens, self._on_status, self._on_rejected, self._on_died
         )
         self.pool = WorkerPool(config.model, engine, config.workers, config.ring_bytes, callbacks)
+        self.metrics = Metrics()
+        self.metrics.observe_on_scrape(self.queue.lengths_by_priority, lambda: self.pool.restarts)
         self.model: Ready | None = None
         self.draining = False
         self.on_health_change: Callable[[bool], None] = lambda serving: None
@@ -138,10 +143,19 @@ class Frontend:
         self, state: RequestState, reason: FinishReason, error: RequestError | None = None
     ) -> None:
         state.finish(reason, error)
+        self._retire(state)
+
+    def _retire(self, state: RequestState) -> None:
+        """Every admitted request ends here exactly once: metrics, the request log line."""
+        if self.registry.live.get(state.request_id) is not state:
+            return
         self.registry.retire(state)
+        self.metrics.request_finished(state)
+        request_log.info("request finished", extra={"fields": request_fields(state)})
 
     # -- worker events ---------------------------------------------------------------
     def _on_ready(self, index: int, ready: Ready) -> None:
+        self.metrics.worker_ready(index, ready.max_batch_size, ready.kv_blocks_total)
         if self.model is None and not self.pool.all_ready():
             return  # health turns SERVING only once every worker has come up
         self.model = self.model or ready
@@ -153,15 +167,20 @@ class Frontend:
             state = self.registry.by_handle.get(record.handle)
             if state is None or state.finished:
                 continue  # cancelled or stopped here already
-            if record.token_id >= 0 and state.add_tokens([record.token_id]):
-                self._spawn(self.pool.send(index, Cancel(state.handle)))  # a stop string
+            if record.token_id >= 0:
+                previous = state.last_token_at
+                stopped = state.add_tokens([record.token_id])
+                self.metrics.token(state, previous)
+                if stopped:
+                    self._spawn(self.pool.send(index, Cancel(state.handle)))  # a stop string
             if record.finish_reason and not state.finished:
                 state.finish(record.finish_reason)
             if state.finished:
-                self.registry.retire(state)
+                self._retire(state)
         self._wake.set()  # finished sequences free slots
 
     def _on_status(self, index: int, status: Status) -> None:
+        self.metrics.worker_status(index, status)
         self._wake.set()
 
     def _on_rejected(self, index: int, rejected: Rejected) -> None:
@@ -172,6 +191,7 @@ class Frontend:
             )
 
     def _on_died(self, index: int, reason: str) -> None:
+        self.metrics.worker_gone(index)
         for state in [s for s in self.registry.live.values() if s.worker == index]:
             self._end(state, FinishReason.CANCELLED, RequestError("UNAVAILABLE", reason))
         self.on_health_change(self.serving)
@@ -205,6 +225,7 @@ class Frontend:
             state = self.queue.pop()
             state.worker, state.dispatched_at = worker.index, time.monotonic()
             worker.assigned.add(state.handle)
+            self.metrics.dispatched(state)
             request = state.request
             add = Add(state.handle, request.prompt_ids, request.params, request.priority)
             if not await self.pool.send(worker.index, add):

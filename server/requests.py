@@ -53,6 +53,7 @@ class RequestState:
     arrival: float = field(default_factory=time.monotonic)
     dispatched_at: float | None = None
     first_token_at: float | None = None
+    last_token_at: float | None = None
     finished_at: float | None = None
     worker: int | None = None
     token_ids: list[int] = field(default_factory=list)
@@ -67,8 +68,9 @@ class RequestState:
 
     def add_tokens(self, token_ids: list[int]) -> bool:
         """Append generated tokens; True when a stop string ended the request."""
+        self.last_token_at = time.monotonic()
         if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
+            self.first_token_at = self.last_token_at
         for token in token_ids:
             delta = self.text.add([token])
             self.token_ids.append(token)

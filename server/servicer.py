@@ -5,12 +5,14 @@ Only this module (with server/validation.py) touches protobuf messages.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
 from server.frontend import Frontend, Unavailable, UnknownRequest
+from server.metrics import Metrics
 from server.pending_queue import QueueFull
 from server.requests import Chunk, DuplicateRequestId, RequestError, RequestState
 from server.validation import InvalidRequest, validate
@@ -147,6 +149,71 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             device=model.device,
             max_new_tokens_limit=self.frontend.config.max_new_tokens_limit,
         )
+
+
+SERVICE_PREFIX = f"/{pb.DESCRIPTOR.services_by_name['Inference'].full_name}/"
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every Inference RPC by method and final status code, errors included.
+
+    Installed outermost, so it also sees the calls the auth check refuses.
+    Health and reflection are not counted.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, details):  # type: ignore[no-untyped-def]
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(SERVICE_PREFIX):
+            return handler
+        rpc = details.method[len(SERVICE_PREFIX) :]
+        done = self.metrics.rpc_done
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def counted_unary(request, context):  # type: ignore[no-untyped-def]
+                error: BaseException | None = None
+                try:
+                    return await unary(request, context)
+                except BaseException as err:
+                    error = err
+                    raise
+                finally:
+                    done(rpc, _status_name(error, context))
+
+            return handler._replace(unary_unary=counted_unary)
+        if handler.unary_stream is not None:
+            stream = handler.unary_stream
+
+            async def counted_stream(request, context):  # type: ignore[no-untyped-def]
+                error: BaseException | None = None
+                try:
+                    async for message in stream(request, context):
+                        yield message
+                except BaseException as err:
+                    error = err
+                    raise
+                finally:
+                    done(rpc, _status_name(error, context))
+
+            return handler._replace(unary_stream=counted_stream)
+        return handler
+
+
+def _status_name(err: BaseException | None, context: grpc.aio.ServicerContext) -> str:
+    """The status the client sees for a call that ended with `err` (None: returned)."""
+    code = context.code()  # set by abort() or set_code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if err is None:
+        return "OK"
+    if isinstance(err, asyncio.CancelledError | GeneratorExit):
+        # gRPC cancels the handler both when the client goes and when the deadline passes.
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    return "UNKNOWN"
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

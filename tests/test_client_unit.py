@@ -14,7 +14,7 @@ import pytest
 from client import Chunk, ShoalError, build_request
 from client.batch import BatchJob, count_failed, parse_lines, result_record, write_records
 from client.channel import ROUND_ROBIN_CONFIG, auth_metadata, channel_target
-from client.cli import build_parser, parse_args, request_params
+from client.cli import parse_args, request_params
 from client.commands import stats_table, summary_line
 from client.types import CompletionBuilder, chunk_from_pb, model_info_from_pb, stats_from_pb
 from shoal.v1 import inference_pb2 as pb
@@ -285,7 +285,10 @@ def test_generate_flags_map_onto_request_kwargs() -> None:
         ["generate", "hi", "--priority", "URGENT"],
         ["submit", "--token-ids", "1,x"],
         ["batch", "--input", "a", "--output", "b", "--concurrency", "0"],
-        ["bench"],
+        ["bench", "--rate", "0"],
+        ["bench", "--requests", "0"],
+        ["bench", "--prompt-len", "9:3"],
+        ["bench", "--concurrency", "0"],
     ],
 )
 def test_bad_command_lines_exit_2(argv: list[str]) -> None:
@@ -299,4 +302,6 @@ def test_stream_and_batch_arguments() -> None:
     assert (args.request_id, args.from_index) == ("r9", 3)
     args = parse_args(["batch", "--input", "in.jsonl", "--output", "out.jsonl"])
     assert args.input == Path("in.jsonl") and args.concurrency == 16
-    assert "bench" not in build_parser().format_help()
+    args = parse_args(["bench", "--rate", "inf", "--prompt-len", "32", "--output-len", "8:16"])
+    assert args.rate == float("inf") and args.concurrency is None
+    assert (args.prompt_len.low, args.prompt_len.high, args.output_len.high) == (32, 32, 16)

@@ -14,6 +14,7 @@ one thread per core; with --device cuda, worker i sees only GPU i.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -160,6 +161,10 @@ class WorkerLoop:
 def run_worker(args: WorkerArgs) -> None:
     """Process entry point (the target of multiprocessing.Process)."""
     os.environ.update(args.env)  # before NumPy / CuPy are imported below
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s %(levelname)s worker-{args.index} %(name)s: %(message)s",
+    )
     # The front handles SIGINT / SIGTERM and tells workers to stop through the channel.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

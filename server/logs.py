@@ -1,0 +1,96 @@
+"""Logging for the front: readable text by default, JSON lines with `--log-format json`.
+
+Both formats carry structured fields: a call passes `extra={"fields": {...}}`;
+text appends them as `key=value`, JSON puts them at the top level of the
+line's object. Each finished request gets one such line (`request_fields`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from server.config import LOG_FORMATS
+from server.requests import RequestState
+
+REQUEST_LOGGER = "shoal.requests"
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields = getattr(record, "fields", None)
+    return fields if isinstance(fields, dict) else {}
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        pairs = " ".join(f"{k}={_text(v)}" for k, v in _fields(record).items())
+        if not pairs:
+            return line
+        # Keep the pairs on the first line: a traceback, if any, follows them.
+        head, sep, rest = line.partition("\n")
+        return f"{head} {pairs}{sep}{rest}"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, the record's fields, exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        line.update(_fields(record))
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+def configure(level: str, log_format: str) -> None:
+    """Send every logger to stderr in the chosen format (replaces earlier handlers)."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def request_fields(state: RequestState) -> dict[str, Any]:
+    """The summary of a finished request (milliseconds since its arrival at the front)."""
+    end = state.finished_at or state.arrival
+    started = state.dispatched_at or end
+
+    def ms(t: float | None) -> float | None:
+        return None if t is None else round((t - state.arrival) * 1000, 3)
+
+    return {
+        "request_id": state.request_id,
+        "priority": state.request.priority.name.lower(),
+        "prompt_tokens": len(state.request.prompt_ids),
+        "completion_tokens": len(state.token_ids),
+        "queue_ms": ms(started),
+        "ttft_ms": ms(state.first_token_at),  # null: no token came
+        "total_ms": ms(end),
+        "finish_reason": state.finish_reason.name.lower(),
+        "error": state.error.code if state.error is not None else None,
+        "worker": state.worker,  # null: never dispatched
+    }
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return "-"
+    text = str(value)
+    # Quote what would break `key=value` splitting (ids are client-chosen).
+    if not text or any(c in text for c in ' "=\n'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
