@@ -7,7 +7,7 @@ MODEL ?= models/default
 PORT ?= 50051
 PROTO_SRC := $(wildcard protos/shoal/v1/*.proto)
 
-.PHONY: install protos lint-proto model run run-batch test bench gpu-check fixtures clean
+.PHONY: install protos lint-proto model run run-batch test bench gpu-check fixtures clean compose-smoke
 
 install: $(STAMP) protos
 
@@ -62,6 +62,13 @@ test: install
 
 bench: install
 	$(BIN)/python scripts/bench_engine.py
+
+# docker-compose end to end, from nothing: installs Docker and docker-compose (apt) if
+# missing, starts dockerd if none runs, builds the image on a local debootstrap base
+# (no Docker Hub needed), serves, queries with the client CLI, tears down. Needs root
+# unless Docker is already usable. Not part of `make test`.
+compose-smoke: install
+	bash deploy/compose-smoke.sh
 
 # For a CUDA machine without network: its system python already has cupy and friends.
 gpu-check:
