@@ -117,8 +117,7 @@ class Frontend:
         try:
             self.queue.push(state.request_id, state, request.priority)
         except Exception:
-            self.registry.live.pop(state.request_id, None)
-            self.registry.by_handle.pop(state.handle, None)
+            self.registry.discard(state)
             raise
         self._wake.set()
         return state

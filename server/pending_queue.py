@@ -60,15 +60,7 @@ class PendingQueue(Generic[T]):
         """Enqueue a new request; QueueFull when the queue is at its limit."""
         if len(self._index) >= self.max_queue_len:
             raise QueueFull(f"pending queue is full (max_queue_len {self.max_queue_len})")
-        self._add(key, item, priority, _now(now), front=False)
-
-    def requeue(self, key: str, item: T, priority: Priority, arrival: float) -> None:
-        """Put back a request that had been admitted (e.g. its worker died).
-
-        It keeps its original arrival, so it goes ahead of later arrivals in its
-        class, and it is never refused: it was already accepted once.
-        """
-        self._add(key, item, priority, arrival, front=True)
+        self._add(key, item, priority, _now(now))
 
     def peek(self, now: float | None = None) -> T | None:
         """The entry pop would return, or None when empty."""
@@ -106,20 +98,12 @@ class PendingQueue(Generic[T]):
         self._counts = dict.fromkeys(Priority, 0)
         return [e.item for e in entries]
 
-    def _add(self, key: str, item: T, priority: Priority, arrival: float, front: bool) -> None:
+    def _add(self, key: str, item: T, priority: Priority, arrival: float) -> None:
         if key in self._index:
             raise ValueError(f"request {key!r} is already queued")
         priority = Priority(priority)
         entry = _Entry(key, item, priority, arrival, next(self._order))
-        queue = self._classes[priority]
-        if front:
-            # Keep the class ordered by arrival: skip the (rare) entries older than this one.
-            position = 0
-            while position < len(queue) and queue[position].arrival <= arrival:
-                position += 1
-            queue.insert(position, entry)
-        else:
-            queue.append(entry)
+        self._classes[priority].append(entry)
         self._index[key] = entry
         self._counts[priority] += 1
 

@@ -162,10 +162,14 @@ class RequestRegistry:
     def get(self, request_id: str) -> RequestState | None:
         return self.live.get(request_id) or self.retired.get(request_id)
 
-    def retire(self, state: RequestState) -> None:
-        """Move a finished request to the bounded replay store."""
+    def discard(self, state: RequestState) -> None:
+        """Forget a request that never got queued (e.g. the queue was full)."""
         self.live.pop(state.request_id, None)
         self.by_handle.pop(state.handle, None)
+
+    def retire(self, state: RequestState) -> None:
+        """Move a finished request to the bounded replay store."""
+        self.discard(state)
         self.retired[state.request_id] = state
         self.expire()
 

@@ -103,16 +103,6 @@ def test_removed_head_frees_a_slot() -> None:
     assert queue.pop(now=1) == "b"
 
 
-def test_requeue_keeps_arrival_order_and_ignores_the_limit() -> None:
-    queue: PendingQueue[str] = PendingQueue(max_queue_len=2)
-    queue.push("n2", "n2", NORMAL, now=2.0)
-    queue.push("n4", "n4", NORMAL, now=4.0)
-    queue.requeue("n3", "n3", NORMAL, arrival=3.0)
-    queue.requeue("n1", "n1", NORMAL, arrival=1.0)
-    assert len(queue) == 4
-    assert pop_all(queue, now=5.0) == ["n1", "n2", "n3", "n4"]
-
-
 def test_drain_returns_everything_in_arrival_order() -> None:
     queue = filled([("l", LOW, 0), ("n", NORMAL, 1), ("h", HIGH, 2)])
     queue.remove("n")

@@ -18,8 +18,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-DeviceName = Literal["auto", "cpu", "cuda"]
-
 
 @dataclass(frozen=True)
 class Backend:
