@@ -11,17 +11,25 @@ PROTO_SRC := $(wildcard protos/shoal/v1/*.proto)
 
 install: $(STAMP) protos
 
-$(STAMP): pyproject.toml
+# The build requirements ([build-system] in pyproject.toml: setuptools, grpcio-tools) go into
+# .venv first and the editable install is built without isolation, so setup.py generates the
+# stubs with the same grpcio-tools (and protobuf) that .venv runs them with.
+$(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' > $(VENV)/build-requirements.txt
+	$(BIN)/python -m pip install -q -r $(VENV)/build-requirements.txt
+	$(BIN)/python -m pip install -q --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
-# Stubs (with .pyi) are generated, never committed.
-protos: $(STAMP)
-ifneq ($(PROTO_SRC),)
-	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)
-endif
+# Stubs (with .pyi) are generated, never committed: shoal/v1/inference_pb2.py, .pyi and
+# inference_pb2_grpc.py from protos/shoal/v1/inference.proto, by the build (setup.py: in the
+# wheel for `pip install .`, in the tree for `pip install -e .`) and here, again whenever a
+# .proto is newer than its stubs.
+PROTO_STUBS := $(foreach s,_pb2.py _pb2.pyi _pb2_grpc.py,$(patsubst protos/%.proto,%$(s),$(PROTO_SRC)))
+protos: $(PROTO_STUBS)
+shoal/%_pb2.py shoal/%_pb2.pyi shoal/%_pb2_grpc.py: protos/shoal/%.proto | $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $<
 
 # buf lint of the proto (rules in protos/buf.yaml). buf comes from npm into a
 # cache under .venv, installed once; skipped with a message when npm is missing.

@@ -75,7 +75,7 @@ def _request_options() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m client",
+        prog="shoal",
         description="Command-line client of a shoal server.",
         parents=[_global_options(defaults=True)],
     )

@@ -22,8 +22,8 @@ import numpy as np
 
 from worker.backend import Backend
 from worker.batch_processor import BatchProcessor
+from worker.channel.types import EngineConfig
 from worker.checkpoint import Checkpoint
-from worker.engine_config import EngineConfig
 from worker.kv_cache import blocks_for
 from worker.model_config import kv_bytes_per_token
 

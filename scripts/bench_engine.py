@@ -33,11 +33,10 @@ from bench_common import (
 )
 
 from worker.backend import select_backend
-from worker.batch_processor import BatchProcessor
+from worker.batch_processor import BatchProcessor, Request, run_to_completion
+from worker.channel.types import SamplingParams
 from worker.checkpoint import load_checkpoint
-from worker.offline import Request, run_to_completion
 from worker.random_checkpoint import default_cache_dir, write_checkpoint
-from worker.sequence import SamplingParams
 
 # Table layouts: "header=record key:format spec; ..."
 DECODE_COLUMNS = (
@@ -91,18 +90,19 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 def start_decoding(
     eng: Engine, proc: BatchProcessor, batch: int, prompt_len: int, max_new: int
-) -> list[str]:
-    """Admit `batch` requests and step until every one has its first token (all decoding)."""
+) -> list[int]:
+    """Queue `batch` requests and step until every one has its first token (all decoding)."""
     rng = np.random.default_rng(batch)
-    ids = [f"b{batch}-{i}" for i in range(batch)]
-    for rid in ids:
+    handles = [batch * 1000 + i for i in range(batch)]
+    for handle in handles:
         params = SamplingParams(max_new_tokens=max_new, ignore_eos=True)
-        if not proc.add_request(rid, eng.prompt(rng, prompt_len), params):
-            raise RuntimeError(f"could not admit {rid}: processor too small")
-    seen: set[str] = set()
+        proc.add_request(handle, eng.prompt(rng, prompt_len), params)
+    seen: set[int] = set()
     while len(seen) < batch:
-        seen.update(e.request_id for e in proc.process_step())
-    return ids
+        seen.update(r.handle for r in proc.process_step())
+    if proc.get_stats().running != batch:
+        raise RuntimeError(f"batch {batch} did not all run at once: processor too small")
+    return handles
 
 
 def bench_decode(eng: Engine, plan: Plan, ceil: Record) -> list[Record]:
@@ -110,17 +110,17 @@ def bench_decode(eng: Engine, plan: Plan, ceil: Record) -> list[Record]:
     proc = eng.processor(top, plan.prompt_len + steps + 2, top * plan.prompt_len)
     rows: list[Record] = []
     for batch in plan.batch_sizes:
-        ids = start_decoding(eng, proc, batch, plan.prompt_len, steps + 2)
+        handles = start_decoding(eng, proc, batch, plan.prompt_len, steps + 2)
         for _ in range(plan.warmup_steps):
             proc.process_step()
         times = []
         for _ in range(plan.decode_steps):
             start = time.perf_counter()
-            events = proc.process_step()
+            records = proc.process_step()
             times.append(time.perf_counter() - start)
-            assert len(events) == batch, "a sequence finished or stalled during timing"
-        for rid in ids:
-            proc.cancel(rid)
+            assert len(records) == batch, "a sequence finished or stalled during timing"
+        for handle in handles:
+            proc.cancel(handle)
         step_s = float(np.median(times))
         keys = plan.prompt_len + plan.warmup_steps + (plan.decode_steps - 1) / 2 + 1  # mean
         flops = eng.flops(batch, batch, int(batch * keys))
@@ -147,10 +147,9 @@ def bench_prefill(eng: Engine, plan: Plan, ceil: Record) -> list[Record]:
     params = SamplingParams(max_new_tokens=1, ignore_eos=True)
     for n, length in plan.prefill_shapes:
         proc = eng.processor(n, length + 1, n * length)  # the whole batch prefills in one step
-        for attempt in ("warm-up", "timed"):
+        for attempt in range(2):  # warm-up, then timed
             for i in range(n):
-                if not proc.add_request(f"{attempt}-{i}", eng.prompt(rng, length), params):
-                    raise RuntimeError(f"prefill {n} x {length}: processor too small")
+                proc.add_request(attempt * n + i, eng.prompt(rng, length), params)
             start, steps = time.perf_counter(), 0
             while proc.has_work():
                 proc.process_step()
@@ -186,7 +185,7 @@ def bench_batching(eng: Engine, plan: Plan) -> Record:
     proc = eng.processor(plan.max_batch, p_hi + o_hi, 512)
     continuous_steps: list[int] = []
     start = time.perf_counter()
-    done = run_to_completion(proc, requests, on_events=lambda ev: continuous_steps.append(len(ev)))
+    done = run_to_completion(proc, requests, on_records=lambda ev: continuous_steps.append(len(ev)))
     continuous_s = time.perf_counter() - start
     tokens = sum(len(c.token_ids) for c in done.values())
 
@@ -196,14 +195,12 @@ def bench_batching(eng: Engine, plan: Plan) -> Record:
     for first in range(0, len(requests), plan.max_batch):
         batch = requests[first : first + plan.max_batch]
         longest = max(r.params.max_new_tokens for r in batch)
-        wanted = {r.request_id: r.params.max_new_tokens for r in batch}
-        for r in batch:
-            padded = replace(r.params, max_new_tokens=longest)
-            if not proc.add_request(r.request_id, r.prompt_ids, padded):
-                raise RuntimeError(f"static batch could not admit {r.request_id}")
+        wanted = [r.params.max_new_tokens for r in batch]
+        for handle, r in enumerate(batch):
+            proc.add_request(handle, r.prompt_ids, replace(r.params, max_new_tokens=longest))
         while proc.has_work():
-            events = proc.process_step()
-            static_tokens += sum(e.index < wanted[e.request_id] for e in events)
+            records = proc.process_step()
+            static_tokens += sum(r.index < wanted[r.handle] for r in records)
             static_steps += 1
     static_s = time.perf_counter() - start
     assert static_tokens == tokens, (static_tokens, tokens)

@@ -28,11 +28,9 @@ import transformers
 from bench_common import measure_ceilings, print_table
 from transformers import AutoModelForCausalLM
 
-from worker.batch_processor import BatchProcessor
-from worker.engine_config import EngineConfig
-from worker.offline import Request, run_to_completion
+from worker.batch_processor import BatchProcessor, Request, run_to_completion
+from worker.channel.types import EngineConfig, SamplingParams
 from worker.random_checkpoint import default_cache_dir, write_checkpoint
-from worker.sequence import SamplingParams
 
 
 def hf_generate(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> float:

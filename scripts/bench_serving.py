@@ -29,12 +29,10 @@ from service_harness import start_server
 
 from client.aio import AsyncShoalClient
 from client.bench import BenchPlan, LengthDist, make_records, run_bench, summarize
-from worker.batch_processor import BatchProcessor
-from worker.engine_config import EngineConfig
+from worker.batch_processor import BatchProcessor, Request, run_to_completion
+from worker.channel.types import EngineConfig, SamplingParams
 from worker.model_config import load_model_config
-from worker.offline import Request, run_to_completion
 from worker.random_checkpoint import default_cache_dir, write_checkpoint
-from worker.sequence import SamplingParams
 
 LONE_PROMPT = list(range(1, 17))
 
@@ -55,7 +53,7 @@ def engine_run(model: Path, engine: EngineConfig, plan: BenchPlan, vocab: int) -
     ttfts = []
     for i in range(20):
         t0 = time.perf_counter()
-        processor.add_request(f"lone{i}", LONE_PROMPT, SamplingParams(max_new_tokens=1))
+        processor.add_request(10_000 + i, LONE_PROMPT, SamplingParams(max_new_tokens=1))
         while not processor.process_step():
             pass
         ttfts.append((time.perf_counter() - t0) * 1000)

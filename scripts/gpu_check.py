@@ -28,13 +28,11 @@ from typing import Any
 import numpy as np
 
 from worker.attention import paged_attention
-from worker.batch_processor import BatchProcessor
-from worker.engine_config import EngineConfig
+from worker.batch_processor import BatchProcessor, Request, run_to_completion
+from worker.channel.types import EngineConfig, SamplingParams
 from worker.model import rms_norm, silu
-from worker.offline import Request, run_to_completion
 from worker.random_checkpoint import write_checkpoint
 from worker.sampling import filtered_probs, sample_from
-from worker.sequence import SamplingParams
 
 TOL = 1e-4  # max |diff| / max |reference|, float32
 
@@ -143,20 +141,24 @@ def rope_check(
 
 # -- sampling ----------------------------------------------------------------------------
 def sampling_checks(xp: ModuleType, rng: np.random.Generator) -> list[Check]:
-    """filtered_probs + sample_from with the same uniforms. top_p and the uniforms sit
-    midway between two cumulative masses of the reference, so float rounding cannot move
-    a cut-off or a pick by one token: any token difference is a real bug."""
+    """filtered_probs + sample_from with the same uniforms. top_p, min_p and the uniforms
+    sit midway between two cumulative masses (or probability ratios) of the reference, so
+    float rounding cannot move a cut-off or a pick by one token: any token difference is
+    a real bug."""
     rows, vocab = 6, 49152
     logits = rng.standard_normal((rows, vocab), dtype=np.float32) * 4
     temp = np.array([0.7, 1.0, 1.3, 0.5, 1.0, 0.9], dtype=np.float32)
     top_k = np.array([0, 50, 0, 1000, 1, 0], dtype=np.int64)
     top_p = np.ones(rows, dtype=np.float32)
-    _, probs = filtered_probs(np, logits, temp, top_k, top_p)  # top-k only
+    min_p = np.zeros(rows, dtype=np.float32)
+    _, probs = filtered_probs(np, logits, temp, top_k, top_p, min_p)  # top-k only
     mass_before = np.cumsum(probs, axis=-1) - probs
     for r in (0, 2, 3):  # cut between the tokens around 80% of the mass
         j = int(np.searchsorted(mass_before[r], 0.8))
         top_p[r] = (mass_before[r, j - 1] + mass_before[r, j]) / 2
-    order, probs = filtered_probs(np, logits, temp, top_k, top_p)
+    ratio = probs[5] / probs[5, 0]  # min-p: keep the 6 most likely tokens of row 5
+    min_p[5] = (ratio[5] + ratio[6]) / 2
+    order, probs = filtered_probs(np, logits, temp, top_k, top_p, min_p)
     cdf = np.cumsum(probs, axis=-1, dtype=np.float64)
     kept = (probs > 0).sum(axis=-1)
     picks = rng.integers(0, np.minimum(kept, 8))  # a likely rank: its mass dwarfs rounding
@@ -164,11 +166,15 @@ def sampling_checks(xp: ModuleType, rng: np.random.Generator) -> list[Check]:
     uniform = ((lower + cdf[np.arange(rows), picks]) / 2 / cdf[:, -1]).astype(np.float32)
     expected = order[np.arange(rows), picks]
 
-    def run(m: ModuleType, lg: Any, t: Any, k: Any, p: Any, u: Any) -> tuple[Any, Any, Any]:
-        o, pr = filtered_probs(m, lg, t, k, p)
+    def run(
+        m: ModuleType, lg: Any, t: Any, k: Any, p: Any, mp: Any, u: Any
+    ) -> tuple[Any, Any, Any]:
+        o, pr = filtered_probs(m, lg, t, k, p, mp)
         return o, pr, sample_from(m, o, pr, u)
 
-    (_, ref_p, ref_tok), (_, got_p, got_tok) = both(xp, run, logits, temp, top_k, top_p, uniform)
+    (_, ref_p, ref_tok), (_, got_p, got_tok) = both(
+        xp, run, logits, temp, top_k, top_p, min_p, uniform
+    )
     mismatches = int((to_numpy(got_tok) != to_numpy(ref_tok)).sum())
     ref_ok = bool((to_numpy(ref_tok) == expected).all())  # the construction itself worked
     shapes = f"logits ({rows}, {vocab}), top_k {top_k.tolist()}"

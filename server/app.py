@@ -16,6 +16,7 @@ from server import logs
 from server.config import ServerConfig
 from server.frontend import Frontend
 from server.servicer import AuthInterceptor, InferenceServicer, MetricsInterceptor
+from server.worker_pool import WorkerPool
 from shoal.v1 import inference_pb2 as pb
 from shoal.v1 import inference_pb2_grpc as pb_grpc
 
@@ -28,7 +29,8 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     tokenizer_path = Path(config.model) / "tokenizer.json"
     if not tokenizer_path.exists():
         raise SystemExit(f"{config.model}: missing file tokenizer.json")
-    frontend = Frontend(config, Tokenizer.from_file(str(tokenizer_path)))
+    engine = WorkerPool(config.model, config.engine, config.workers, config.ring_bytes)
+    frontend = Frontend(config, Tokenizer.from_file(str(tokenizer_path)), engine)
 
     # Metrics first: the outermost interceptor also counts the calls auth refuses.
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(frontend.metrics)]

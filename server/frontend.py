@@ -1,10 +1,16 @@
-"""Frontend: the pending queue, the dispatcher and the request registry around the pool.
+"""Frontend: the pending queue, the dispatcher and the request registry around the engines.
 
-The seed's DynamicBatcher across processes: `submit` queues a request,
-the dispatcher refills each worker's free capacity (slots, and a worker that
-reports requests waiting for KV space gets no more) from the queue as
-sequences finish, and tokens flow back into each request's state. Nothing
-here knows about gRPC; the servicer converts at the edge.
+The seed's DynamicBatcher, over any EngineClient (worker processes for the
+server, one in-process engine for `python -m worker.batch`): `submit` queues a
+validated request, the dispatcher sends queued requests to workers as their
+credits allow, and token records flow back into each request's state, its
+detokenizer and stop strings. Nothing here knows about gRPC or JSON: the
+edges convert.
+
+Credits: a worker's Status says how many requests it could start now
+(`free_slots`) and how many KV tokens are free after its own queue
+(`kv_free_tokens`). The front keeps no count of its own beyond what it has
+sent and the worker has not yet read (`adds_sent - status.adds_received`).
 """
 
 from __future__ import annotations
@@ -24,10 +30,9 @@ from server.metrics import Metrics
 from server.pending_queue import PendingQueue
 from server.requests import RequestError, RequestRegistry, RequestState
 from server.validation import Limits, ValidatedRequest
-from server.worker_pool import Callbacks, WorkerHandle, WorkerPool
-from worker.channel.messages import Add, Cancel, Ready, Rejected, Status, TokenRecord
-from worker.engine_config import EngineConfig
-from worker.sequence import FinishReason
+from worker.channel.client import EngineClient, EngineEvents
+from worker.channel.messages import Add, Cancel, Ready, Rejected, Status
+from worker.channel.types import FinishReason, TokenRecord
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger(REQUEST_LOGGER)
@@ -41,54 +46,74 @@ class UnknownRequest(KeyError):
     pass
 
 
-@dataclass(frozen=True)
-class WorkerView:
+@dataclass
+class WorkerState:
+    """The front's view of one worker: what it said, and what was sent since."""
+
     index: int
-    alive: bool
-    status: Status | None
-    max_batch_size: int
+    ready: Ready
+    status: Status | None = None
+    alive: bool = True
+    adds_sent: int = 0
+    add_tokens_sent: int = 0
+
+    def credits(self) -> tuple[int, int]:
+        """(requests, KV tokens) this worker can take now without queueing them."""
+        s = self.status
+        if s is None:
+            return 0, 0
+        return (
+            s.free_slots - (self.adds_sent - s.adds_received),
+            s.kv_free_tokens - (self.add_tokens_sent - s.add_tokens_received),
+        )
+
+    @property
+    def idle(self) -> bool:
+        s = self.status
+        return s is not None and not s.running and not s.waiting and self.in_flight == 0
+
+    @property
+    def in_flight(self) -> int:
+        return self.adds_sent - (self.status.adds_received if self.status else 0)
 
 
 class Frontend:
-    def __init__(self, config: ServerConfig, tokenizer: Tokenizer) -> None:
+    def __init__(self, config: ServerConfig, tokenizer: Tokenizer, engine: EngineClient) -> None:
         self.config = config
         self.tokenizer = tokenizer
+        self.engine = engine
         self.queue: PendingQueue[RequestState] = PendingQueue(config.max_queue_len, config.aging_s)
         self.registry = RequestRegistry(config.retention_s, config.retention_count)
-        engine = EngineConfig(
-            max_batch_size=config.max_batch_size,
-            kv_cache_mb=config.kv_cache_mb,
-            prefill_token_budget=config.prefill_token_budget,
-            device=config.device,
-        )
-        callbacks = Callbacks(
-            self._on_ready, self._on_tokens, self._on_status, self._on_rejected, self._on_died
-        )
-        self.pool = WorkerPool(config.model, engine, config.workers, config.ring_bytes, callbacks)
+        self.workers: dict[int, WorkerState] = {}
         self.metrics = Metrics()
-        self.metrics.observe_on_scrape(self.queue.lengths_by_priority, lambda: self.pool.restarts)
+        self.metrics.observe_on_scrape(self.queue.lengths_by_priority, lambda: engine.restarts)
         self.model: Ready | None = None
         self.draining = False
         self.on_health_change: Callable[[bool], None] = lambda serving: None
         self._wake = asyncio.Event()
-        self._tasks: set[asyncio.Task] = set()
         self._dispatcher: asyncio.Task | None = None
 
     # -- life cycle ------------------------------------------------------------------
     def start(self) -> None:
-        self.pool.start()
+        events = EngineEvents(
+            self._on_ready, self._on_status, self._on_tokens, self._on_rejected, self._on_died
+        )
+        self.engine.start(events)
         self._dispatcher = asyncio.create_task(self._dispatch_loop())
+
+    def serving_workers(self) -> list[WorkerState]:
+        return [w for w in self.workers.values() if w.alive]
 
     @property
     def serving(self) -> bool:
         """Health: every worker came up once, at least one is up now, and not draining."""
-        return self.model is not None and bool(self.pool.serving()) and not self.draining
+        return self.model is not None and bool(self.serving_workers()) and not self.draining
 
     def limits(self) -> Limits:
         assert self.model is not None
         return Limits(
             vocab_size=self.model.vocab_size,
-            max_context=self.model.max_seq_len,
+            max_context=self.model.max_context,
             max_new_tokens_limit=self.config.max_new_tokens_limit,
         )
 
@@ -103,10 +128,10 @@ class Frontend:
         while self.registry.live and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for state in list(self.registry.live.values()):
-            await self.cancel(state.request_id)
+            self.cancel(state.request_id)
         if self._dispatcher is not None:
             self._dispatcher.cancel()
-        await self.pool.shutdown()
+        await self.engine.shutdown()
 
     # -- requests --------------------------------------------------------------------
     def submit(self, request: ValidatedRequest) -> RequestState:
@@ -128,13 +153,13 @@ class Frontend:
             raise UnknownRequest(f"request_id {request_id!r} is not known (or has expired)")
         return state
 
-    async def cancel(self, request_id: str) -> bool:
+    def cancel(self, request_id: str) -> bool:
         """Abort a queued or running request; False if it had already finished."""
         state = self.get(request_id)
         if state.finished:
             return False
         if self.queue.remove(request_id) is None and state.worker is not None:
-            await self.pool.send(state.worker, Cancel(state.handle))
+            self.engine.send(state.worker, Cancel(state.handle))
         self._end(state, FinishReason.CANCELLED)
         return True
 
@@ -152,13 +177,22 @@ class Frontend:
         self.metrics.request_finished(state)
         request_log.info("request finished", extra={"fields": request_fields(state)})
 
-    # -- worker events ---------------------------------------------------------------
+    # -- engine events ---------------------------------------------------------------
     def _on_ready(self, index: int, ready: Ready) -> None:
-        self.metrics.worker_ready(index, ready.max_batch_size, ready.kv_blocks_total)
-        if self.model is None and not self.pool.all_ready():
+        self.workers[index] = WorkerState(index, ready)
+        self.metrics.worker_ready(index, ready.kv_blocks_total)
+        log.info("worker %d ready on %s", index, ready.device)
+        if self.model is None and len(self.serving_workers()) < self.engine.num_workers:
             return  # health turns SERVING only once every worker has come up
         self.model = self.model or ready
         self.on_health_change(self.serving)
+        self._wake.set()
+
+    def _on_status(self, index: int, status: Status) -> None:
+        worker = self.workers.get(index)
+        if worker is not None:
+            worker.status = status
+        self.metrics.worker_status(index, status)
         self._wake.set()
 
     def _on_tokens(self, index: int, records: list[TokenRecord]) -> None:
@@ -170,35 +204,27 @@ class Frontend:
                 previous = state.last_token_at
                 stopped = state.add_tokens([record.token_id])
                 self.metrics.token(state, previous)
-                if stopped:
-                    self._spawn(self.pool.send(index, Cancel(state.handle)))  # a stop string
+                if stopped:  # a stop string: the worker need not go on
+                    self.engine.send(index, Cancel(state.handle))
             if record.finish_reason and not state.finished:
                 state.finish(record.finish_reason)
             if state.finished:
                 self._retire(state)
-        self._wake.set()  # finished sequences free slots
-
-    def _on_status(self, index: int, status: Status) -> None:
-        self.metrics.worker_status(index, status)
-        self._wake.set()
 
     def _on_rejected(self, index: int, rejected: Rejected) -> None:
         state = self.registry.by_handle.get(rejected.handle)
         if state is not None:
-            self._end(
-                state, FinishReason.CANCELLED, RequestError("INVALID_ARGUMENT", rejected.message)
-            )
+            error = RequestError("INVALID_ARGUMENT", rejected.message)
+            self._end(state, FinishReason.CANCELLED, error)
 
     def _on_died(self, index: int, reason: str) -> None:
+        worker = self.workers.get(index)
+        if worker is not None:  # its replacement sends a new Ready
+            worker.alive, worker.status = False, None
         self.metrics.worker_gone(index)
         for state in [s for s in self.registry.live.values() if s.worker == index]:
             self._end(state, FinishReason.CANCELLED, RequestError("UNAVAILABLE", reason))
         self.on_health_change(self.serving)
-
-    def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     # -- dispatch --------------------------------------------------------------------
     async def _dispatch_loop(self) -> None:
@@ -207,33 +233,33 @@ class Frontend:
             self._wake.clear()
             await self._dispatch()
 
-    def _target(self) -> WorkerHandle | None:
-        """The serving worker with the most free slots, if it can take more now."""
-        candidates = [w for w in self.pool.serving() if w.status is None or not w.status.waiting]
-        best = max(candidates, key=lambda w: w.free_slots, default=None)
-        return best if best is not None and best.free_slots > 0 else None
+    def _target(self, prompt_tokens: int) -> WorkerState | None:
+        """The serving worker with the most free slots, if it can start the request now."""
+        best, best_credits = None, (0, 0)
+        for worker in self.serving_workers():
+            credits = worker.credits()
+            if credits[0] > best_credits[0] and credits[1] >= prompt_tokens:
+                best, best_credits = worker, credits
+        return best
 
     async def _dispatch(self) -> None:
         waited = False
-        while self.queue and (worker := self._target()) is not None:
-            if not waited and not worker.assigned and len(self.queue) < worker.free_slots:
+        while (head := self.queue.peek()) is not None:
+            worker = self._target(len(head.request.prompt_ids))
+            if worker is None:
+                return  # the next Status wakes us
+            if not waited and worker.idle and len(self.queue) < worker.credits()[0]:
                 # An idle worker waits a moment (once) so a burst starts as one batch.
                 waited = True
                 await asyncio.sleep(self.config.batch_timeout_ms / 1000)
                 continue
             state = self.queue.pop()
-            state.worker, state.dispatched_at = worker.index, time.monotonic()
-            worker.assigned.add(state.handle)
-            self.metrics.dispatched(state)
             request = state.request
             add = Add(state.handle, request.prompt_ids, request.params, request.priority)
-            if not await self.pool.send(worker.index, add):
+            state.worker, state.dispatched_at = worker.index, time.monotonic()
+            worker.adds_sent += 1
+            worker.add_tokens_sent += add.num_tokens
+            self.metrics.dispatched(state)
+            if not self.engine.send(worker.index, add):
                 gone = RequestError("UNAVAILABLE", f"worker {worker.index} went away")
                 self._end(state, FinishReason.CANCELLED, gone)
-
-    # -- introspection ---------------------------------------------------------------
-    def workers(self) -> list[WorkerView]:
-        return [
-            WorkerView(i, w.serving, w.status, w.ready.max_batch_size if w.ready else 0)
-            for i, w in sorted(self.pool.workers.items())
-        ]

@@ -66,20 +66,17 @@ def configure(level: str, log_format: str) -> None:
 
 def request_fields(state: RequestState) -> dict[str, Any]:
     """The summary of a finished request (milliseconds since its arrival at the front)."""
-    end = state.finished_at or state.arrival
-    started = state.dispatched_at or end
-
-    def ms(t: float | None) -> float | None:
-        return None if t is None else round((t - state.arrival) * 1000, 3)
+    def ms(seconds: float | None) -> float | None:
+        return None if seconds is None else round(seconds * 1000, 3)
 
     return {
         "request_id": state.request_id,
         "priority": state.request.priority.name.lower(),
         "prompt_tokens": len(state.request.prompt_ids),
         "completion_tokens": len(state.token_ids),
-        "queue_ms": ms(started),
-        "ttft_ms": ms(state.first_token_at),  # null: no token came
-        "total_ms": ms(end),
+        "queue_ms": ms(state.queue_s),
+        "ttft_ms": ms(state.ttft_s),  # null: no token came
+        "total_ms": ms(state.total_s),
         "finish_reason": state.finish_reason.name.lower(),
         "error": state.error.code if state.error is not None else None,
         "worker": state.worker,  # null: never dispatched

@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from server.requests import RequestState
 from worker.channel.messages import Status
-from worker.sequence import Priority
+from worker.channel.types import Priority
 
 # Seconds. 0.2 is a bucket edge on purpose: the latency alert's threshold is exact there.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -49,7 +49,6 @@ class _WorkerSeries:
     kv_total: Gauge
     tokens: Counter
     preemptions: Counter
-    max_batch_size: int = 0
     # The worker's own counters restart from 0 with a new process: only deltas are added.
     last_tokens: int = 0
     last_preemptions: int = 0
@@ -138,21 +137,20 @@ class Metrics:
         self.requests.labels(rpc, code).inc()
 
     def dispatched(self, state: RequestState) -> None:
-        assert state.dispatched_at is not None
         priority = state.request.priority.name.lower()
-        self.queue_time.labels(priority).observe(state.dispatched_at - state.arrival)
+        self.queue_time.labels(priority).observe(state.queue_s or 0.0)
 
     def token(self, state: RequestState, previous: float | None) -> None:
         """After a token was added; `previous` is when the one before it came (None: first)."""
         assert state.last_token_at is not None
         if previous is None:
-            self.ttft.observe(state.last_token_at - state.arrival)
+            self.ttft.observe(state.ttft_s or 0.0)
         else:
             self.inter_token.observe(state.last_token_at - previous)
 
     def request_finished(self, state: RequestState) -> None:
         self.finished.labels(finish_label(state)).inc()
-        self.latency.observe((state.finished_at or state.arrival) - state.arrival)
+        self.latency.observe(state.total_s or 0.0)
 
     # -- workers -----------------------------------------------------------------------
     def _series(self, index: int) -> _WorkerSeries:
@@ -163,16 +161,15 @@ class Metrics:
             series = self._workers[index] = _WorkerSeries(**children)
         return series
 
-    def worker_ready(self, index: int, max_batch_size: int, kv_blocks_total: int) -> None:
+    def worker_ready(self, index: int, kv_blocks_total: int) -> None:
         series = self._series(index)
-        series.max_batch_size = max_batch_size
         series.up.set(1)
         series.kv_total.set(kv_blocks_total)
 
     def worker_status(self, index: int, status: Status) -> None:
         s = self._series(index)
-        s.active.set(status.active_sequences)
-        s.utilization.set(status.active_sequences / s.max_batch_size if s.max_batch_size else 0)
+        s.active.set(status.running)
+        s.utilization.set(status.utilization)
         s.waiting.set(status.waiting)
         s.kv_used.set(status.kv_blocks_used)
         s.kv_total.set(status.kv_blocks_total)

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from worker.sequence import Priority
+from worker.channel.types import Priority
 
 T = TypeVar("T")
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from server.detokenizer import IncrementalText
 from server.validation import ValidatedRequest
-from worker.sequence import FinishReason
+from worker.channel.types import FinishReason
 
 
 class RequestError(Exception):
@@ -100,6 +100,23 @@ class RequestState:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    # -- timing: seconds from arrival at the front (None: not happened yet) ------------
+    def _since_arrival(self, moment: float | None) -> float | None:
+        return None if moment is None else moment - self.arrival
+
+    @property
+    def queue_s(self) -> float | None:
+        """Arrival to dispatch to a worker (to the end, for a request never dispatched)."""
+        return self._since_arrival(self.dispatched_at or self.finished_at)
+
+    @property
+    def ttft_s(self) -> float | None:
+        return self._since_arrival(self.first_token_at)
+
+    @property
+    def total_s(self) -> float | None:
+        return self._since_arrival(self.finished_at)
+
     def chunk_from(self, index: int) -> Chunk:
         """Everything from token `index` on, as one chunk (final fields if finished)."""
         chunk = Chunk(
@@ -109,13 +126,11 @@ class RequestState:
             "".join(self.text_deltas[index:]),
         )
         if self.finished:
-            end = self.finished_at or self.arrival
-            started = self.dispatched_at or end
             chunk.finish_reason = self.finish_reason
             chunk.prompt_tokens = len(self.request.prompt_ids)
-            chunk.queue_ms = (started - self.arrival) * 1000
-            chunk.ttft_ms = ((self.first_token_at or end) - self.arrival) * 1000
-            chunk.total_ms = (end - self.arrival) * 1000
+            chunk.queue_ms = (self.queue_s or 0.0) * 1000
+            chunk.ttft_ms = (self.ttft_s or self.total_s or 0.0) * 1000
+            chunk.total_ms = (self.total_s or 0.0) * 1000
         return chunk
 
     async def follow(self, from_index: int = 0) -> AsyncIterator[Chunk]:

@@ -1,11 +1,14 @@
-"""The gRPC edge: protobuf in, plain types to the Frontend, protobuf out, status codes.
+"""The gRPC edge: protobuf in, plain values to the Frontend, protobuf out, status codes.
 
-Only this module (with server/validation.py) touches protobuf messages.
+Only this module (and server/app.py, which registers it) touches protobuf
+messages: requests become `RequestFields`, finish reasons and priorities map
+to the wire enums here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
@@ -15,12 +18,34 @@ from server.frontend import Frontend, Unavailable, UnknownRequest
 from server.metrics import Metrics
 from server.pending_queue import QueueFull
 from server.requests import Chunk, DuplicateRequestId, RequestError, RequestState
-from server.validation import InvalidRequest, validate
+from server.validation import InvalidRequest, RequestFields, validate
 from shoal.v1 import inference_pb2 as pb
 from shoal.v1 import inference_pb2_grpc as pb_grpc
-from worker.sequence import FinishReason
+from worker.channel.messages import Status
+from worker.channel.types import FinishReason
 
 log = logging.getLogger(__name__)
+
+FINISH_REASONS = {
+    FinishReason.NONE: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+
+
+def fields_from_proto(request: pb.GenerateRequest) -> RequestFields:
+    """Copy every RequestFields field of the same name; unset optional fields stay None."""
+    values: dict[str, object] = {}
+    for spec in dataclasses.fields(RequestFields):
+        value = getattr(request, spec.name)
+        if spec.default is None and not request.HasField(spec.name):
+            value = None
+        elif not isinstance(value, str | int | float | bool):
+            value = list(value)  # a repeated field
+        values[spec.name] = value
+    return RequestFields(**values)  # type: ignore[arg-type]
 
 
 def chunk_to_proto(chunk: Chunk) -> pb.GenerateChunk:
@@ -29,7 +54,7 @@ def chunk_to_proto(chunk: Chunk) -> pb.GenerateChunk:
         index=chunk.index,
         token_ids=chunk.token_ids,
         text=chunk.text,
-        finish_reason=int(chunk.finish_reason),
+        finish_reason=FINISH_REASONS[chunk.finish_reason],
     )
     if chunk.finish_reason != FinishReason.NONE:
         completion = chunk.index + len(chunk.token_ids)
@@ -53,7 +78,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             reason = "server is draining" if self.frontend.draining else "no worker is ready"
             await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
         try:
-            validated = validate(request, self.frontend.limits(), self.frontend.tokenizer)
+            fields = fields_from_proto(request)
+            validated = validate(fields, self.frontend.limits(), self.frontend.tokenizer)
             return self.frontend.submit(validated)
         except (InvalidRequest, DuplicateRequestId) as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
@@ -83,7 +109,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 yield chunk
         finally:
             if not state.finished:  # the call was cancelled or its deadline passed
-                await self.frontend.cancel(state.request_id)
+                self.frontend.cancel(state.request_id)
 
     async def Stream(self, request, context):
         try:
@@ -101,40 +127,26 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def Cancel(self, request, context):
         try:
-            return pb.CancelResponse(cancelled=await self.frontend.cancel(request.request_id))
+            return pb.CancelResponse(cancelled=self.frontend.cancel(request.request_id))
         except UnknownRequest as err:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(err.args[0]))
 
     async def GetStats(self, request, context):
-        rows = []
-        for view in self.frontend.workers():
-            status = view.status
-            rows.append(
-                pb.WorkerStats(
-                    worker=view.index,
-                    alive=view.alive,
-                    active_sequences=status.active_sequences if status else 0,
-                    total_tokens=status.total_tokens if status else 0,
-                    utilization=status.active_sequences / view.max_batch_size
-                    if status and view.max_batch_size
-                    else 0.0,
-                    queue_length=status.waiting if status else 0,
-                    kv_blocks_used=status.kv_blocks_used if status else 0,
-                    kv_blocks_total=status.kv_blocks_total if status else 0,
-                )
-            )
-        slots = sum(v.max_batch_size for v in self.frontend.workers())
+        workers = sorted(self.frontend.workers.values(), key=lambda w: w.index)
+        rows = [_worker_row(w.index, w.alive, w.status) for w in workers]
+        slots = sum(w.ready.max_batch_size for w in workers if w.alive)
+        running = sum(r.active_sequences for r in rows)
         total = pb.WorkerStats(
             worker=-1,
             alive=any(r.alive for r in rows),
-            active_sequences=sum(r.active_sequences for r in rows),
+            active_sequences=running,
             total_tokens=sum(r.total_tokens for r in rows),
-            utilization=sum(r.active_sequences for r in rows) / slots if slots else 0.0,
-            queue_length=len(self.frontend.queue),
+            utilization=running / slots if slots else 0.0,
+            queue_length=sum(r.queue_length for r in rows),
             kv_blocks_used=sum(r.kv_blocks_used for r in rows),
             kv_blocks_total=sum(r.kv_blocks_total for r in rows),
         )
-        return pb.Stats(workers=rows, total=total)
+        return pb.Stats(workers=rows, total=total, pending_queue_length=len(self.frontend.queue))
 
     async def GetModelInfo(self, request, context):
         model = self.frontend.model
@@ -144,11 +156,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             name=model.model_name,
             architecture=model.architecture,
             vocab_size=model.vocab_size,
-            max_context=model.max_seq_len,
+            max_context=model.max_context,
+            kv_capacity_tokens=model.kv_capacity_tokens,
             eos_token_ids=list(model.eos_token_ids),
             device=model.device,
             max_new_tokens_limit=self.frontend.config.max_new_tokens_limit,
         )
+
+
+def _worker_row(index: int, alive: bool, status: Status | None) -> pb.WorkerStats:
+    row = pb.WorkerStats(worker=index, alive=alive)
+    if status is not None:
+        row.active_sequences = status.running
+        row.total_tokens = status.total_tokens
+        row.utilization = status.utilization
+        row.queue_length = status.waiting
+        row.kv_blocks_used = status.kv_blocks_used
+        row.kv_blocks_total = status.kv_blocks_total
+    return row
 
 
 SERVICE_PREFIX = f"/{pb.DESCRIPTOR.services_by_name['Inference'].full_name}/"

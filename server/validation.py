@@ -1,31 +1,31 @@
-"""Request validation: the edge where a protobuf GenerateRequest becomes plain data.
+"""Request validation on plain values: every entry point (gRPC, JSONL, HTTP) checks here.
 
-Everything past this point trusts its input, so every field is checked here and
-every error message names the field and the limit (sent as INVALID_ARGUMENT).
+An edge turns its own format into `RequestFields` (the GenerateRequest field
+names, plain Python values): the gRPC servicer from protobuf, `from_json` from
+a JSON object. `validate` then checks every field against the model's
+`Limits` and returns a `ValidatedRequest`; everything past it trusts its
+input. Every error names the field and the limit.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol
 
-from shoal.v1 import inference_pb2 as pb
-from worker.sequence import Priority, SamplingParams
+from worker.channel.types import Priority, SamplingParams
 
-# Wire enum -> engine enum; UNSPECIFIED is NORMAL (see inference.proto).
-_PRIORITIES: dict[int, Priority] = {
-    pb.PRIORITY_UNSPECIFIED: Priority.NORMAL,
-    pb.PRIORITY_HIGH: Priority.HIGH,
-    pb.PRIORITY_NORMAL: Priority.NORMAL,
-    pb.PRIORITY_LOW: Priority.LOW,
-}
+# shoal.v1.Priority by name (with or without the PRIORITY_ prefix) and by number, as
+# the proto3 JSON mapping allows both; UNSPECIFIED (and "") mean NORMAL.
+PRIORITY_NAMES = {"": Priority.NORMAL, "UNSPECIFIED": Priority.NORMAL, **Priority.__members__}
+PRIORITY_NUMBERS = (Priority.NORMAL, Priority.HIGH, Priority.NORMAL, Priority.LOW)
+UINT64 = 2**64
 
 
 class InvalidRequest(ValueError):
-    """A bad GenerateRequest; the message names the field and the limit."""
+    """A bad request; the message names the field and the limit."""
 
 
 class _Encoding(Protocol):
@@ -40,9 +40,28 @@ class TextEncoder(Protocol):
 
 
 @dataclass(frozen=True)
+class RequestFields:
+    """A GenerateRequest as plain values, before any check (see inference.proto)."""
+
+    request_id: str = ""
+    prompt: str | None = None
+    prompt_token_ids: Sequence[int] = ()
+    max_new_tokens: int = 0
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 0.0
+    min_p: float = 0.0
+    seed: int | None = None  # None: the server draws one
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    priority: str | int = ""  # a shoal.v1.Priority name or number; "" = NORMAL
+
+
+@dataclass(frozen=True)
 class Limits:
     vocab_size: int
-    max_context: int  # prompt + max_new_tokens must fit
+    max_context: int  # prompt + max_new_tokens must fit (the model's context and the KV pool)
     max_new_tokens_limit: int
     max_stop_strings: int = 16
     max_stop_length: int = 256  # characters
@@ -56,32 +75,32 @@ class ValidatedRequest:
     prompt_ids: list[int]
     params: SamplingParams
     priority: Priority
-    stop: tuple[str, ...]
+    stop: tuple[str, ...] = field(default=())
 
 
-def validate(
-    request: pb.GenerateRequest, limits: Limits, tokenizer: TextEncoder
-) -> ValidatedRequest:
-    """Check every field of `request` against `limits`; raise InvalidRequest on the first fault."""
-    request_id = _request_id(request.request_id, limits)
-    priority = _priority(request.priority)
-    max_new = request.max_new_tokens
+def validate(request: RequestFields, limits: Limits, tokenizer: TextEncoder) -> ValidatedRequest:
+    """Check every field against `limits`; raise InvalidRequest on the first fault."""
+    r = request
+    request_id = _request_id(r.request_id, limits)
+    priority = _priority(r.priority)
+    max_new = r.max_new_tokens
     if not 1 <= max_new <= limits.max_new_tokens_limit:
         raise InvalidRequest(
             f"max_new_tokens must be in [1, {limits.max_new_tokens_limit}] (got {max_new})"
         )
-    temperature, top_p = request.temperature, request.top_p
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise InvalidRequest(f"temperature must be finite and >= 0 (got {temperature})")
-    if not 0 <= top_p <= 1:  # also false for NaN
-        raise InvalidRequest(f"top_p must be in [0, 1] (got {top_p})")
-    if request.top_k > limits.vocab_size:
-        raise InvalidRequest(
-            f"top_k must be <= the vocab size {limits.vocab_size} (got {request.top_k})"
-        )
-    stop = _stop_strings(request.stop, limits)
-    stop_token_ids = _stop_token_ids(request.stop_token_ids, limits)
-    prompt_ids = _prompt_ids(request, limits, tokenizer)
+    if not (math.isfinite(r.temperature) and r.temperature >= 0):
+        raise InvalidRequest(f"temperature must be finite and >= 0 (got {r.temperature})")
+    for name in ("top_p", "min_p"):
+        value = getattr(r, name)
+        if not 0 <= value <= 1:  # also false for NaN
+            raise InvalidRequest(f"{name} must be in [0, 1] (got {value})")
+    if not 0 <= r.top_k <= limits.vocab_size:
+        raise InvalidRequest(f"top_k must be in [0, {limits.vocab_size}] (the vocab size)")
+    if r.seed is not None and not 0 <= r.seed < UINT64:
+        raise InvalidRequest(f"seed must be in [0, 2**64) (got {r.seed})")
+    stop = _stop_strings(r.stop, limits)
+    stop_token_ids = _stop_token_ids(r.stop_token_ids, limits)
+    prompt_ids = _prompt_ids(r, limits, tokenizer)
     if len(prompt_ids) + max_new > limits.max_context:
         raise InvalidRequest(
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}) must fit the "
@@ -89,15 +108,70 @@ def validate(
         )
     params = SamplingParams(
         max_new_tokens=max_new,
-        temperature=temperature,
-        top_k=request.top_k,
-        top_p=top_p if 0 < top_p < 1 else 1.0,  # 0 and 1 both mean off
+        temperature=r.temperature,
+        top_k=r.top_k,
+        top_p=r.top_p if 0 < r.top_p < 1 else 1.0,  # 0 and 1 both mean off
+        min_p=r.min_p,
         # Drawn here, not in the worker, so a request resumed elsewhere draws the same tokens.
-        seed=request.seed if request.HasField("seed") else int.from_bytes(os.urandom(8), "little"),
+        seed=r.seed if r.seed is not None else int.from_bytes(os.urandom(8), "little"),
         stop_token_ids=stop_token_ids,
-        ignore_eos=request.ignore_eos,
+        ignore_eos=r.ignore_eos,
     )
     return ValidatedRequest(request_id, prompt_ids, params, priority, stop)
+
+
+def from_json(obj: Any) -> RequestFields:
+    """A decoded JSON object -> RequestFields; InvalidRequest for an unknown field or wrong type."""
+    if not isinstance(obj, Mapping):
+        raise InvalidRequest("a request must be a JSON object")
+    known = {f.name: str(f.type) for f in fields(RequestFields)}
+    unknown = sorted(set(obj) - set(known))
+    if unknown:
+        raise InvalidRequest(f"unknown field {unknown[0]!r}")
+    for name, value in obj.items():
+        if not _json_type_ok(known[name], value):
+            raise InvalidRequest(f"{name} must be {_JSON_TYPES[known[name]][1]} (got {value!r})")
+    return RequestFields(**obj)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return _is_int(value) or isinstance(value, float)
+
+
+# annotation -> (check, description for the error)
+_JSON_TYPES: dict[str, tuple[Any, str]] = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "str | None": (lambda v: v is None or isinstance(v, str), "a string"),
+    "int": (_is_int, "an integer"),
+    "int | None": (lambda v: v is None or _is_int(v), "an integer"),
+    "float": (_is_number, "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str | int": (lambda v: isinstance(v, str) or _is_int(v), "a name or a number"),
+    "Sequence[int]": (lambda v: isinstance(v, list) and all(map(_is_int, v)), "a list of integers"),
+    "Sequence[str]": (
+        lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
+        "a list of strings",
+    ),
+}
+
+
+def _json_type_ok(annotation: str, value: Any) -> bool:
+    return bool(_JSON_TYPES[annotation][0](value))
+
+
+def _priority(value: str | int) -> Priority:
+    if isinstance(value, int):  # proto3 enums are open: any int32 can arrive on the wire
+        if not 0 <= value < len(PRIORITY_NUMBERS):
+            raise InvalidRequest(f"priority {value} is unknown; must be in [0, 3]")
+        return PRIORITY_NUMBERS[value]
+    priority = PRIORITY_NAMES.get(value.upper().removeprefix("PRIORITY_"))
+    if priority is None:
+        raise InvalidRequest(f"priority must be HIGH, NORMAL or LOW (got {value!r})")
+    return priority
 
 
 def _request_id(request_id: str, limits: Limits) -> str | None:
@@ -107,13 +181,6 @@ def _request_id(request_id: str, limits: Limits) -> str | None:
             f"request_id is {size} bytes; at most {limits.max_request_id_bytes} are allowed"
         )
     return request_id or None
-
-
-def _priority(value: int) -> Priority:
-    # proto3 enums are open: any int32 can arrive on the wire.
-    if value not in _PRIORITIES:
-        raise InvalidRequest(f"priority {value} is unknown; must be in [0, {max(_PRIORITIES)}]")
-    return _PRIORITIES[value]
 
 
 def _stop_strings(stop: Sequence[str], limits: Limits) -> tuple[str, ...]:
@@ -138,8 +205,8 @@ def _stop_token_ids(ids: Sequence[int], limits: Limits) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def _prompt_ids(request: pb.GenerateRequest, limits: Limits, tokenizer: TextEncoder) -> list[int]:
-    has_text, has_ids = request.HasField("prompt"), len(request.prompt_token_ids) > 0
+def _prompt_ids(request: RequestFields, limits: Limits, tokenizer: TextEncoder) -> list[int]:
+    has_text, has_ids = request.prompt is not None, len(request.prompt_token_ids) > 0
     if has_text == has_ids:
         got = "both" if has_text else "neither"
         raise InvalidRequest(f"exactly 1 of prompt or prompt_token_ids must be set (got {got})")
@@ -155,9 +222,9 @@ def _prompt_ids(request: pb.GenerateRequest, limits: Limits, tokenizer: TextEnco
     return ids
 
 
-def _check_vocab(field: str, ids: Sequence[int], vocab_size: int) -> None:
-    if not ids or max(ids) < vocab_size:  # the common case, without a Python loop
+def _check_vocab(name: str, ids: Sequence[int], vocab_size: int) -> None:
+    if not ids or (min(ids) >= 0 and max(ids) < vocab_size):  # the common case, no Python loop
         return
     for i, token in enumerate(ids):
-        if token >= vocab_size:
-            raise InvalidRequest(f"{field}[{i}] = {token} must be < the vocab size {vocab_size}")
+        if not 0 <= token < vocab_size:
+            raise InvalidRequest(f"{name}[{i}] = {token} must be in [0, {vocab_size}) (the vocab)")

@@ -1,95 +1,78 @@
-"""The front's side of the worker processes: spawn, talk over shared memory, supervise.
+"""Worker processes over shared memory: the server's EngineClient transport.
 
-Each worker gets a pair of shared-memory rings and doorbells (worker/channel).
-The event loop watches every outbox doorbell and every process sentinel with
-`add_reader`, so it wakes when a worker writes or dies, and never polls.
-A dead worker is reported to `Callbacks.died` (its requests fail) and
-restarted, unless the pool is shutting down.
+Each worker is `python -m worker.process` with a pair of shared-memory rings
+and doorbells (worker/channel). The event loop watches every outbox doorbell
+and every process's pidfd with `add_reader`, so it wakes when a worker writes
+or dies, and never polls. A dead worker is reported to `EngineEvents.died`
+and restarted, unless the pool is shutting down.
+
+Sending never blocks the event loop: a message that does not fit the inbox
+ring waits in the worker's backlog, behind which later messages queue, and
+the backlog is retried shortly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import os
-from collections.abc import Callable
+import subprocess
+import sys
+from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing.process import BaseProcess
+from pathlib import Path
 
-from worker.channel.messages import (
-    Message,
-    Ready,
-    Rejected,
-    Shutdown,
-    Status,
-    TokenRecord,
-    Tokens,
-    decode,
-    encode,
-)
+import worker.channel
+from worker.channel.client import EngineEvents
+from worker.channel.messages import Message, Shutdown, decode, encode
 from worker.channel.ring import Doorbell, Ring, segment_name, sweep_stale_segments
-from worker.engine_config import EngineConfig
-from worker.process import WorkerArgs, run_worker, worker_environment
+from worker.channel.types import EngineConfig, WorkerArgs
 
 log = logging.getLogger(__name__)
-_SPAWN = multiprocessing.get_context("spawn")
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+RETRY_S = 0.0005  # backlog retry while a worker's inbox ring is full
+# The directory holding the `worker` package, so a worker starts from any cwd.
+_CODE_ROOT = str(Path(worker.channel.__file__).resolve().parents[2])
 
 
-@dataclass
-class Callbacks:
-    ready: Callable[[int, Ready], None]
-    tokens: Callable[[int, list[TokenRecord]], None]
-    status: Callable[[int, Status], None]
-    rejected: Callable[[int, Rejected], None]
-    died: Callable[[int, str], None]
+def worker_environment(index: int, workers: int, device: str, cores: int) -> dict[str, str]:
+    """Per-worker environment: CPU replicas split the cores; GPU workers get one device each."""
+    env = {name: str(max(1, cores // workers)) for name in BLAS_THREAD_VARIABLES}
+    if device == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = str(index)
+    return env
 
 
 @dataclass
 class WorkerHandle:
     index: int
-    process: BaseProcess
+    process: subprocess.Popen
+    pidfd: int  # readable once the process has exited
     inbox: Ring
     outbox: Ring
     inbox_bell: Doorbell
     outbox_bell: Doorbell
-    ready: Ready | None = None
-    status: Status | None = None
-    assigned: set[int] = field(default_factory=set)  # handles sent and not yet finished
-    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    @property
-    def serving(self) -> bool:
-        return self.ready is not None and self.process.is_alive()
-
-    @property
-    def free_slots(self) -> int:
-        if self.ready is None:
-            return 0
-        return self.ready.max_batch_size - len(self.assigned)
+    backlog: deque[bytes] = field(default_factory=deque)  # encoded, waiting for inbox room
 
 
 class WorkerPool:
+    """An EngineClient over `num_workers` worker processes."""
+
     def __init__(
-        self,
-        model_dir: str,
-        engine: EngineConfig,
-        workers: int,
-        ring_bytes: int,
-        callbacks: Callbacks,
+        self, model_dir: str, engine: EngineConfig, num_workers: int, ring_bytes: int
     ) -> None:
         self.model_dir = model_dir
         self.engine = engine
-        self.num_workers = workers
+        self.num_workers = num_workers
         self.ring_bytes = ring_bytes
-        self.callbacks = callbacks
         self.workers: dict[int, WorkerHandle] = {}
         self.restarts = 0
         self.stopping = False
+        self._events: EngineEvents | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+    def start(self, events: EngineEvents) -> None:
+        self._events, self._loop = events, asyncio.get_running_loop()
         swept = sweep_stale_segments()
         if swept:
             log.warning("removed %d stale shared-memory segments: %s", len(swept), swept)
@@ -107,54 +90,47 @@ class WorkerPool:
             engine=self.engine,
             inbox=inbox.shm.name,
             outbox=outbox.shm.name,
-            inbox_bell=inbox_bell,
-            outbox_bell=outbox_bell,
-            env=worker_environment(
-                index, self.num_workers, self.engine.device, os.cpu_count() or 1
-            ),
+            inbox_bell_fd=inbox_bell.read_fd,
+            outbox_bell_fd=outbox_bell.write_fd,
         )
-        process = _SPAWN.Process(
-            target=run_worker, args=(args,), name=f"shoal-worker-{index}", daemon=True
+        cores = os.cpu_count() or 1
+        env = {
+            **os.environ,
+            **worker_environment(index, self.num_workers, self.engine.device, cores),
+            "PYTHONPATH": os.pathsep.join(filter(None, [_CODE_ROOT, os.environ.get("PYTHONPATH")])),
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "worker.process", args.to_json()],
+            pass_fds=(inbox_bell.read_fd, outbox_bell.write_fd),
+            env=env,
         )
-        process.start()
-        handle = WorkerHandle(index, process, inbox, outbox, inbox_bell, outbox_bell)
+        # The worker's ends live on in the worker; the front keeps only its own.
+        os.close(inbox_bell.read_fd)
+        os.close(outbox_bell.write_fd)
+        inbox_bell.read_fd = outbox_bell.write_fd = -1
+        handle = WorkerHandle(
+            index, process, os.pidfd_open(process.pid), inbox, outbox, inbox_bell, outbox_bell
+        )
         self.workers[index] = handle
         self._loop.add_reader(outbox_bell.fileno(), self._drain, handle)
-        self._loop.add_reader(process.sentinel, self._died, handle)
+        self._loop.add_reader(handle.pidfd, self._died, handle)
         log.info("worker %d started (pid %d)", index, process.pid)
 
     # -- receiving ---------------------------------------------------------------------
     def _drain(self, handle: WorkerHandle) -> None:
+        assert self._events is not None
         handle.outbox_bell.drain()
         for raw in handle.outbox.read_messages():
-            self._deliver(handle, decode(raw))
-
-    def _deliver(self, handle: WorkerHandle, message: Message) -> None:
-        cb, index = self.callbacks, handle.index
-        match message:
-            case Tokens(records):
-                for record in records:
-                    if record.finish_reason:
-                        handle.assigned.discard(record.handle)
-                cb.tokens(index, records)
-            case Status():
-                handle.status = message
-                cb.status(index, message)
-            case Ready():
-                handle.ready = message
-                log.info("worker %d ready on %s", index, message.device)
-                cb.ready(index, message)
-            case Rejected():
-                handle.assigned.discard(message.handle)
-                cb.rejected(index, message)
+            self._events.deliver(handle.index, decode(raw))
 
     def _died(self, handle: WorkerHandle) -> None:
+        assert self._events is not None
         self._drain(handle)  # whatever it wrote before dying still counts
         self._forget(handle)
-        reason = f"worker {handle.index} died (exit code {handle.process.exitcode})"
+        reason = f"worker {handle.index} died (exit code {handle.process.returncode})"
         if not self.stopping:
             log.error("%s; restarting it", reason)
-        self.callbacks.died(handle.index, reason)
+        self._events.died(handle.index, reason)
         if not self.stopping:
             self.restarts += 1
             self._spawn(handle.index)
@@ -162,39 +138,37 @@ class WorkerPool:
     def _forget(self, handle: WorkerHandle) -> None:
         assert self._loop is not None
         self._loop.remove_reader(handle.outbox_bell.fileno())
-        self._loop.remove_reader(handle.process.sentinel)
-        handle.process.join(timeout=0)
+        self._loop.remove_reader(handle.pidfd)
+        os.close(handle.pidfd)
+        handle.process.poll()  # reap it
         for ring in (handle.inbox, handle.outbox):
             ring.close()
             ring.unlink()
-        for bell in (handle.inbox_bell, handle.outbox_bell):
-            bell.reader.close()
-            bell.writer.close()
+        handle.inbox_bell.close()
+        handle.outbox_bell.close()
         if self.workers.get(handle.index) is handle:
             del self.workers[handle.index]
 
     # -- sending -----------------------------------------------------------------------
-    async def send(self, index: int, message: Message) -> bool:
-        """Write a message to worker `index`, waiting while its inbox is full. False if gone."""
-        handle = self.workers.get(index)
+    def send(self, worker: int, message: Message) -> bool:
+        """Queue a message for a worker, in order, without blocking; False if it is gone."""
+        handle = self.workers.get(worker)
         if handle is None:
             return False
-        async with handle.send_lock:  # one message at a time: frames never interleave
-            for payload, flags in handle.inbox.frames_of(encode(message)):
-                while not handle.inbox.try_write_frame(payload, flags):
-                    if self.workers.get(index) is not handle:
-                        return False
-                    handle.inbox_bell.ring()
-                    await asyncio.sleep(0.0005)
-            handle.inbox_bell.ring()
+        handle.backlog.append(encode(message))
+        if len(handle.backlog) == 1:
+            self._flush(handle)
         return True
 
-    # -- queries -----------------------------------------------------------------------
-    def serving(self) -> list[WorkerHandle]:
-        return [w for w in self.workers.values() if w.serving]
-
-    def all_ready(self) -> bool:
-        return len(self.serving()) == self.num_workers
+    def _flush(self, handle: WorkerHandle) -> None:
+        if self.workers.get(handle.index) is not handle:
+            return  # it died; its requests were failed by `died`
+        while handle.backlog and handle.inbox.try_write(handle.backlog[0]):
+            handle.backlog.popleft()
+        handle.inbox_bell.ring()
+        if handle.backlog:
+            assert self._loop is not None
+            self._loop.call_later(RETRY_S, self._flush, handle)
 
     # -- shutdown ----------------------------------------------------------------------
     async def shutdown(self, timeout: float = 10.0) -> None:
@@ -202,12 +176,13 @@ class WorkerPool:
         self.stopping = True
         handles = list(self.workers.values())
         for handle in handles:
-            await self.send(handle.index, Shutdown())
+            self.send(handle.index, Shutdown())
         loop = asyncio.get_running_loop()
         for handle in handles:
-            await loop.run_in_executor(None, handle.process.join, timeout)
-            if handle.process.is_alive():
+            try:
+                await loop.run_in_executor(None, handle.process.wait, timeout)
+            except subprocess.TimeoutExpired:
                 handle.process.kill()
-                await loop.run_in_executor(None, handle.process.join, 5)
+                await loop.run_in_executor(None, handle.process.wait, 5)
             if self.workers.get(handle.index) is handle:
                 self._forget(handle)

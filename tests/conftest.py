@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from worker.batch_processor import BatchProcessor
-from worker.engine_config import EngineConfig
+from worker.channel.types import EngineConfig
 from worker.random_checkpoint import write_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 from worker.batch_processor import BatchProcessor
+from worker.channel.types import SamplingParams
 from worker.kv_cache import blocks_for
 from worker.scheduler import ScheduledBatch
-from worker.sequence import SamplingParams, Sequence
+from worker.sequence import Sequence
 
 
 def engine_logits(
@@ -19,7 +20,7 @@ def engine_logits(
 ) -> np.ndarray:
     """(len(tokens), vocab) logits; row t predicts the token after position t."""
     runner = processor.runner
-    seq = Sequence("probe", list(tokens[:prefill_len]), SamplingParams(max_new_tokens=len(tokens)))
+    seq = Sequence(0, list(tokens[:prefill_len]), SamplingParams(max_new_tokens=len(tokens)))
     allocator = runner.cache.allocator
     seq.block_table = allocator.allocate(blocks_for(len(tokens), runner.block_size))
     rows = []

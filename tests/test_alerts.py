@@ -16,7 +16,7 @@ import pytest
 
 from server.metrics import Metrics
 from worker.channel.messages import Status
-from worker.sequence import Priority
+from worker.channel.types import Priority
 
 yaml = pytest.importorskip("yaml")
 
@@ -45,8 +45,8 @@ def exported_names() -> set[str]:
     """Every sample name the server exports (with one worker seen, so per-worker ones too)."""
     metrics = Metrics()
     metrics.observe_on_scrape(lambda: dict.fromkeys(Priority, 0), lambda: 0)
-    metrics.worker_ready(0, 4, 64)
-    metrics.worker_status(0, Status(0, 4, 0, 0, 64, 0, 0))
+    metrics.worker_ready(0, 64)
+    metrics.worker_status(0, Status(0, 0, 4, 0, 64, 1024, 0, 0, 0, 0))
     for histogram in (metrics.ttft, metrics.inter_token, metrics.latency):
         histogram.observe(0.1)
     metrics.queue_time.labels("normal").observe(0.1)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from worker.offline import Request, run_to_completion
-from worker.sequence import Priority, SamplingParams
+from worker.batch_processor import Request, run_to_completion
+from worker.channel.types import Priority, SamplingParams
 
 LINES = [
     {"request_id": "text", "prompt": "Hello, world", "max_new_tokens": 12, "ignore_eos": True},
@@ -62,12 +62,12 @@ def test_every_line_is_answered_in_order(
     ]
     errors = {r["request_id"]: r["error"] for r in records if "error" in r}
     assert errors["line-3"].startswith("line 3:")
-    assert "exactly one of prompt or prompt_token_ids" in errors["line-4"]
-    assert "max_new_tokens must be > 0" in errors["zero"]
+    assert "exactly 1 of prompt or prompt_token_ids" in errors["line-4"]
+    assert "max_new_tokens must be in [1, 4096] (got 0)" in errors["zero"]
     assert "top_p must be in [0, 1]" in errors["line-6"]
-    assert "token id 99999 is outside [0, 512)" in errors["line-7"]
+    assert "prompt_token_ids[1] = 99999 must be in [0, 512)" in errors["line-7"]
     assert "unknown field 'colour'" in errors["line-8"]
-    assert "priority must be one of HIGH, NORMAL, LOW" in errors["line-10"]
+    assert "priority must be HIGH, NORMAL or LOW (got 'URGENT')" in errors["line-10"]
     assert "requests" in proc.stderr and "tok/s" in proc.stderr  # the progress bar
 
     tokenizer = Tokenizer.from_file(str(default_model / "tokenizer.json"))

@@ -4,24 +4,25 @@ DESIGN: the front never touches model arrays, the worker never touches gRPC,
 and only the shared-memory channel (with the plain dataclasses it carries)
 crosses between them; framing is binary, never pickle. So:
 
-- worker/ imports neither server nor client (nor gRPC or the generated stubs);
-- server/ imports from worker only `worker.channel` (and its submodules),
-  `worker.sequence`, `worker.engine_config` and `worker.process` (the spawn
-  entry point);
-- those worker modules load no NumPy/CuPy at import time, directly or through
-  the worker modules they import at module level (process.py imports the
-  BatchProcessor inside the spawned function, after setting thread caps);
+- server/ imports from worker only `worker.channel` (and its submodules);
+  the worker process is spawned by module name;
+- worker/channel/ imports only the standard library and itself;
+- worker/ imports neither server nor client nor gRPC, except `worker.batch`,
+  the offline runner, which drives the front's pipeline (server/) over an
+  in-process engine and still imports no client or gRPC;
+- the worker process (`worker.process` and everything it imports, at any
+  depth) loads nothing of server/ or client/;
 - client/ imports neither server nor worker;
 - nothing in server/ or worker/channel/ imports pickle.
 
-Boundary rules count every import, at any depth (type-only ones too);
-the NumPy rule counts only what runs at import time. `importlib.import_module`
-and `__import__` with a literal name count as imports.
+Boundary rules count every import, at any depth (type-only ones too).
+`importlib.import_module` and `__import__` with a literal name count as imports.
 """
 
 from __future__ import annotations
 
 import ast
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -32,12 +33,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # What server/ may import from worker/: name -> whether submodules are allowed too.
-SERVER_MAY_IMPORT = {
-    "worker.channel": True,
-    "worker.sequence": False,
-    "worker.engine_config": False,
-    "worker.process": False,
-}
+SERVER_MAY_IMPORT = {"worker.channel": True}
+OFFLINE_FRONT = "worker/batch.py"  # may import server/: it runs the front's pipeline in-process
 ARRAY_LIBS = {"numpy", "cupy"}
 PICKLE_LIBS = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill"}
 GRPC_LIBS = {"grpc", "grpc_health", "grpc_reflection", "shoal"}
@@ -177,7 +174,19 @@ def server_may_import(imp: Import) -> bool:
 
 
 def worker_violations(imports: Iterable[Import]) -> list[str]:
-    return [imp.where() for imp in imports if imp.refers_to(("server", "client", *GRPC_LIBS))]
+    def forbidden(imp: Import) -> tuple[str, ...]:
+        offline = imp.file.relative_to(ROOT).as_posix() == OFFLINE_FRONT
+        return ("client", *GRPC_LIBS) if offline else ("server", "client", *GRPC_LIBS)
+
+    return [imp.where() for imp in imports if imp.refers_to(forbidden(imp))]
+
+
+def channel_violations(imports: Iterable[Import]) -> list[str]:
+    def allowed(imp: Import) -> bool:
+        top = imp.module.split(".")[0]
+        return top in sys.stdlib_module_names or in_package(imp.module, ("worker.channel",))
+
+    return [imp.where() for imp in imports if not allowed(imp)]
 
 
 def server_violations(imports: Iterable[Import]) -> list[str]:
@@ -202,10 +211,11 @@ def module_file(name: str) -> Path | None:
     return None
 
 
-def import_time_array_imports(start: str) -> list[str]:
-    """NumPy/CuPy imports that run when `start` is imported, following worker/ modules.
+def reachable_imports(start: str, targets: Iterable[str], runtime_only: bool) -> list[str]:
+    """Imports of `targets` that importing `start` may run, following worker/ modules.
 
-    Each entry reads `a -> b -> file:line: import numpy`: the chain that loads it.
+    Each entry reads `a -> b -> file:line: import x`: the chain that loads it.
+    With runtime_only, imports inside functions and TYPE_CHECKING are not followed.
     """
     found: list[str] = []
     seen: set[str] = set()
@@ -226,9 +236,9 @@ def import_time_array_imports(start: str) -> list[str]:
         path = module_file(name)
         assert path is not None
         for imp in imports_of(path):
-            if not imp.runtime:
+            if runtime_only and not imp.runtime:
                 continue
-            if imp.refers_to(ARRAY_LIBS):
+            if imp.refers_to(targets):
                 found.append(" -> ".join([*chain[:-1], imp.where()]))
             for candidate in imp.candidates():
                 if in_package(candidate, ("worker",)):
@@ -264,10 +274,22 @@ def test_no_pickle_in_server_or_channel() -> None:
     )
 
 
-@pytest.mark.parametrize("module", sorted(SERVER_MAY_IMPORT))
+def test_channel_imports_only_the_standard_library() -> None:
+    violations = channel_violations(all_imports("worker/channel"))
+    assert not violations, report(violations, "worker/channel/ is standard library only")
+
+
+def test_worker_process_never_loads_the_front() -> None:
+    violations = reachable_imports("worker.process", ("server", "client", *GRPC_LIBS), False)
+    assert not violations, report(violations, "the worker process must not import the front")
+
+
+CHANNEL_MODULES = sorted(module_name(p) for p in python_files("worker/channel"))
+
+
+@pytest.mark.parametrize("module", CHANNEL_MODULES)
 def test_modules_shared_with_server_load_no_array_library(module: str) -> None:
-    assert module_file(module) is not None, f"{module} (allowed in server/) not found"
-    violations = import_time_array_imports(module)
+    violations = reachable_imports(module, ARRAY_LIBS, runtime_only=True)
     assert not violations, report(
         violations, f"{module} is imported by the front: no NumPy/CuPy at module level"
     )
@@ -285,7 +307,7 @@ def test_checker_catches_forbidden_imports() -> None:
         "import worker.model\n"
         "from worker import batch_processor, sequence\n"
         "from worker.channel.ring import Ring\n"
-        "from worker import process\n"
+        "from worker.channel import types\n"
         "import worker\n"
         "def f():\n"
         "    import pickle\n"
@@ -296,15 +318,28 @@ def test_checker_catches_forbidden_imports() -> None:
     assert server_violations(imports) == [
         "server/fake.py:1: import worker.model",
         "server/fake.py:2: from worker import batch_processor",
+        "server/fake.py:2: from worker import sequence",
         "server/fake.py:5: import worker",
         "server/fake.py:8: import worker.kv_cache",
         "server/fake.py:9: importlib.import_module('worker.attention')",
     ]
     assert pickle_violations(imports) == ["server/fake.py:7: import pickle"]
-    worker_src = "from client.sync import ShoalClient\nimport grpc\nimport serverless\n"
+    worker_src = (
+        "from client.sync import ShoalClient\nimport grpc\nimport serverless\n"
+        "from server.frontend import Frontend\n"
+    )
     assert worker_violations(fake("worker/fake.py", worker_src)) == [
         "worker/fake.py:1: from client.sync import ShoalClient",
         "worker/fake.py:2: import grpc",
+        "worker/fake.py:4: from server.frontend import Frontend",
+    ]
+    assert worker_violations(fake(OFFLINE_FRONT, worker_src)) == [
+        f"{OFFLINE_FRONT}:1: from client.sync import ShoalClient",
+        f"{OFFLINE_FRONT}:2: import grpc",
+    ]
+    channel_src = "import struct\nfrom worker.channel.types import Priority\nfrom worker import x\n"
+    assert channel_violations(fake("worker/channel/fake.py", channel_src)) == [
+        "worker/channel/fake.py:3: from worker import x"
     ]
     client_src = "from server.app import main\nfrom worker import sequence\nimport client.aio\n"
     assert client_violations(fake("client/fake.py", client_src)) == [

@@ -15,30 +15,27 @@ from worker.channel.messages import (
     Rejected,
     Shutdown,
     Status,
-    TokenRecord,
     Tokens,
     decode,
     encode,
 )
 from worker.channel.ring import Doorbell, Ring, segment_name, sweep_stale_segments
-from worker.sequence import FinishReason, Priority, SamplingParams
+from worker.channel.types import FinishReason, Priority, SamplingParams, TokenRecord
 
-CAPACITY = 4096
+CAPACITY = 16384
 
 
-def echo_child(
-    in_name: str, out_name: str, in_bell: Doorbell, out_bell: Doorbell, count: int
-) -> None:
+def echo_child(in_name: str, out_name: str, in_fd: int, out_fd: int, count: int) -> None:
     """Read `count` messages and send each back reversed, through a real process boundary."""
     inbox, outbox = Ring.attach(in_name), Ring.attach(out_name)
+    in_bell, out_bell = Doorbell(read_fd=in_fd), Doorbell(write_fd=out_fd)
     seen = 0
     while seen < count:
         for message in inbox.read_messages():
             seen += 1
-            for payload, flags in outbox.frames_of(message[::-1]):
-                while not outbox.try_write_frame(payload, flags):
-                    out_bell.ring()
-                    in_bell.wait(0.001)
+            while not outbox.try_write(message[::-1]):
+                out_bell.ring()
+                in_bell.wait(0.001)
             out_bell.ring()
         if seen < count:
             in_bell.wait(1.0)
@@ -58,26 +55,21 @@ def rings():
         ring.unlink()
 
 
-def bell() -> Doorbell:
-    return Doorbell.create()
-
-
 def test_round_trip_across_processes_with_wraparound_full_ring_and_big_messages(rings) -> None:
     inbox, outbox = rings
-    in_bell, out_bell = bell(), bell()
-    # 300 messages of 1..9000 bytes through a 4 KiB ring: it wraps many times, fills up
-    # (the writer must wait), and the largest messages span several frames.
+    in_bell, out_bell = Doorbell.create(), Doorbell.create()
+    # 300 messages of 1..9000 bytes through a 16 KiB ring: it wraps many times (payloads
+    # split across its end), fills up (the writer must wait), and nothing is lost.
     messages = [os.urandom(1 + (i * 7919) % 9000) for i in range(300)]
-    ctx = mp.get_context("spawn")
-    child = ctx.Process(
-        target=echo_child, args=(inbox.shm.name, outbox.shm.name, in_bell, out_bell, len(messages))
-    )
+    ctx = mp.get_context("fork")  # the child inherits the doorbell pipes
+    args = (inbox.shm.name, outbox.shm.name, in_bell.read_fd, out_bell.write_fd, len(messages))
+    child = ctx.Process(target=echo_child, args=args)
     child.start()
     received: list[bytes] = []
-    pending = [f for m in messages for f in inbox.frames_of(m)]
+    pending = list(messages)
     full_waits = 0
     while len(received) < len(messages):
-        while pending and inbox.try_write_frame(*pending[0]):
+        while pending and inbox.try_write(pending[0]):
             pending.pop(0)
         if pending:
             full_waits += 1
@@ -85,6 +77,8 @@ def test_round_trip_across_processes_with_wraparound_full_ring_and_big_messages(
         received += list(outbox.read_messages())
         out_bell.wait(0.01)
     child.join(timeout=30)
+    in_bell.close()
+    out_bell.close()
     assert child.exitcode == 0
     assert received == [m[::-1] for m in messages]
     assert full_waits > 0  # back-pressure really happened
@@ -97,6 +91,7 @@ def test_message_codec_round_trips() -> None:
         temperature=0.5,
         top_k=3,
         top_p=0.25,
+        min_p=0.125,
         seed=2**64 - 1,
         stop_token_ids=(4, 5),
         ignore_eos=True,
@@ -109,33 +104,34 @@ def test_message_codec_round_trips() -> None:
         Tokens(
             [TokenRecord(1, 5, 0, FinishReason.NONE), TokenRecord(2, -1, 9, FinishReason.CANCELLED)]
         ),
-        Status(3, 29, 1, 10, 4096, 12345, 2),
+        Status(3, 29, 32, 10, 4096, 12345, 2**40, 2, 77, 9999),
         Rejected(5, "prompt_token_ids: token id 9 is outside [0, 8) — ünïcode"),
     ]
     for message in messages:
         assert decode(encode(message)) == message
 
 
-def test_big_message_crosses_a_small_ring_in_frames(rings) -> None:
+def test_a_message_is_published_whole_or_not_at_all(rings) -> None:
     ring = rings[0]
-    message = encode(Add(1, list(range(5000)), SamplingParams()))  # 20 KB through a 4 KiB ring
-    frames = ring.frames_of(message)
-    assert len(frames) > 4
-    got: list[bytes] = []
-    for frame in frames:
-        assert ring.try_write_frame(*frame)
-        got += ring.read_messages()
-    assert [decode(m) for m in got] == [decode(message)]
+    message = encode(Add(1, list(range(3000)), SamplingParams()))  # 12 KB of a 16 KiB ring
+    filler = b"x" * 8000
+    assert ring.try_write(filler)
+    assert not ring.try_write(message)  # does not fit now: nothing of it is visible
+    assert list(ring.read_messages()) == [filler]
+    assert ring.try_write(message)  # now it wraps around the end of the ring
+    assert [decode(m) for m in ring.read_messages()] == [decode(message)]
+    with pytest.raises(ValueError, match="exceeds the ring"):
+        ring.try_write(bytes(CAPACITY))
 
 
 def test_full_ring_refuses_without_corrupting(rings) -> None:
     ring = rings[0]
     written = 0
-    while ring.try_write_frame(bytes([written % 256]) * 1000):
+    while ring.try_write(bytes([written % 256]) * 1000):
         written += 1
     assert written == CAPACITY // 1008
     assert [m[0] for m in ring.read_messages()] == [i % 256 for i in range(written)]
-    assert ring.try_write_frame(b"again")
+    assert ring.try_write(b"again")
 
 
 def test_sweep_removes_segments_of_dead_processes(tmp_path: Path) -> None:

@@ -22,8 +22,8 @@ from tokenizers import Tokenizer
 
 from client import AsyncShoalClient, Chunk, Completion, ShoalClient, ShoalError
 from client.batch import count_failed, parse_lines, run_batch
-from worker.offline import Request, run_to_completion
-from worker.sequence import SamplingParams
+from worker.batch_processor import Request, run_to_completion
+from worker.channel.types import SamplingParams
 
 pytestmark = pytest.mark.timeout(120)
 

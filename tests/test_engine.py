@@ -9,8 +9,8 @@ import pytest
 from dense_reference import dense_forward
 from engine_probe import engine_logits
 
-from worker.offline import Request, run_to_completion
-from worker.sequence import FinishReason, Priority, SamplingParams
+from worker.batch_processor import Request, run_to_completion
+from worker.channel.types import FinishReason, Priority, SamplingParams
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:
@@ -103,7 +103,7 @@ def test_resumed_request_continues_exactly(make_processor) -> None:
         ids = prompt(23, seed=1)
         full = run_to_completion(make_processor(), [Request("a", ids, params)])["a"].token_ids
         processor = make_processor()
-        assert processor.add_request("a", ids, params, generated=full[:5])
+        processor.add_request(0, ids, params, generated=full[:5])
         rest = []
         while processor.has_work():
             rest += [e.token_id for e in processor.process_step()]
@@ -113,16 +113,17 @@ def test_resumed_request_continues_exactly(make_processor) -> None:
 def test_long_prompt_prefills_in_chunks_without_stalling_decodes(make_processor) -> None:
     processor = make_processor(prefill_token_budget=16)
     decoder = SamplingParams(max_new_tokens=40, ignore_eos=True)
-    assert processor.add_request("short", prompt(3), decoder)
+    short, long = 0, 1
+    processor.add_request(short, prompt(3), decoder)
     processor.process_step()  # "short" is now decoding
-    assert processor.add_request("long", prompt(200, seed=2), SamplingParams(max_new_tokens=2))
+    processor.add_request(long, prompt(200, seed=2), SamplingParams(max_new_tokens=2))
     steps_until_long_token = 0
     short_tokens = 0
     while True:
-        events = processor.process_step()
+        records = processor.process_step()
         steps_until_long_token += 1
-        short_tokens += sum(e.request_id == "short" for e in events)
-        if any(e.request_id == "long" for e in events):
+        short_tokens += sum(r.handle == short for r in records)
+        if any(r.handle == long for r in records):
             break
     assert steps_until_long_token == 200 // 16 + 1  # 13 chunks of <= 16 tokens
     assert short_tokens == steps_until_long_token  # one token every step meanwhile
@@ -156,32 +157,55 @@ def test_finish_reasons(make_processor) -> None:
     assert ctx.token_ids == base.token_ids[:4] and ctx.finish_reason == FinishReason.LENGTH
 
 
-def test_add_request_refuses_when_slots_or_blocks_are_short(make_processor) -> None:
-    params = SamplingParams(max_new_tokens=4)
+def test_admission_waits_for_a_slot_and_blocks_in_priority_order(make_processor) -> None:
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
     processor = make_processor(max_batch_size=2)
-    assert processor.add_request("a", prompt(5), params)
-    assert processor.add_request("b", prompt(5), params)
-    assert not processor.add_request("c", prompt(5), params)
-    assert processor.get_stats().free_slots == 0
+    for handle in range(3):
+        processor.add_request(handle, prompt(5, seed=handle), params)
+    processor.process_step()
+    stats = processor.get_stats()
+    assert (stats.running, stats.waiting, stats.free_slots) == (2, 1, 0)
+    assert [s.handle for s in processor.scheduler.waiting] == [2]
 
     small = make_processor(kv_cache_mb=8 * 16 * 2048 / 2**20)  # 8 blocks
-    assert small.add_request("a", prompt(64), params)  # 4 blocks
-    assert not small.add_request("b", prompt(64), params)  # 4 more would leave no watermark
-    assert small.add_request("c", prompt(16), params)
+    small.add_request(0, prompt(64), params)  # 4 blocks
+    small.process_step()
+    small.add_request(1, prompt(64), params)  # 4 more would leave no watermark: waits
+    small.add_request(2, prompt(16), params)  # would fit, but may not jump ahead of 1
+    small.add_request(3, prompt(16), params, Priority.HIGH)  # a higher class goes first
+    small.process_step()
+    assert [s.handle for s in small.scheduler.running] == [0, 3]
+    assert [s.handle for s in small.scheduler.waiting] == [1, 2]
+    while small.has_work():
+        small.process_step()
+    assert small.get_stats().kv_blocks_used == 0
 
 
 def test_cancel_frees_slot_and_blocks_at_once(make_processor) -> None:
     processor = make_processor()
-    assert processor.add_request("x", prompt(40), SamplingParams(max_new_tokens=50))
-    processor.process_step()
+    processor.add_request(7, prompt(40), SamplingParams(max_new_tokens=50))
+    processor.add_request(8, prompt(4), SamplingParams(max_new_tokens=50), Priority.LOW)
+    processor.process_step()  # 32 of 7's 40 prompt tokens (the prefill budget)
+    processor.process_step()  # the rest of 7 and all of 8: one token each
     before = processor.get_stats()
-    assert before.active_sequences == 1 and before.kv_blocks_used == 3
-    event = processor.cancel("x")
-    assert event is not None and event.finish_reason == FinishReason.CANCELLED
+    assert before.running == 2 and before.kv_blocks_used == 4
+    record = processor.cancel(7)
+    assert record is not None and record.finish_reason == FinishReason.CANCELLED
+    assert record.handle == 7 and record.index == 1
     after = processor.get_stats()
-    assert after.active_sequences == 0 and after.kv_blocks_used == 0
-    assert processor.cancel("x") is None
-    assert processor.process_step() == []
+    assert after.running == 1 and after.kv_blocks_used == 1
+    assert processor.cancel(7) is None
+    assert all(r.handle == 8 for r in processor.process_step())
+
+
+def test_cancel_of_a_waiting_request(make_processor) -> None:
+    processor = make_processor(max_batch_size=1)
+    processor.add_request(1, prompt(5), SamplingParams(max_new_tokens=50))
+    processor.add_request(2, prompt(5), SamplingParams(max_new_tokens=50))
+    processor.process_step()
+    record = processor.cancel(2)
+    assert record is not None and record.index == 0
+    assert processor.get_stats().waiting == 0
 
 
 @pytest.mark.parametrize(
@@ -197,7 +221,7 @@ def test_cancel_frees_slot_and_blocks_at_once(make_processor) -> None:
 def test_invalid_requests_name_the_field(make_processor, ids, params, message) -> None:
     processor = make_processor(max_seq_len=256, kv_cache_mb=0.25)  # 128 tokens
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
-        processor.add_request("bad", ids, params)
+        processor.add_request(0, ids, params)
     assert processor.get_stats().kv_blocks_used == 0
 
 
@@ -205,11 +229,11 @@ def test_stats_track_tokens_and_utilization(make_processor) -> None:
     processor = make_processor(max_batch_size=4)
     params = SamplingParams(max_new_tokens=5, ignore_eos=True)
     for i in range(2):
-        assert processor.add_request(f"s{i}", prompt(8, seed=i), params)
+        processor.add_request(i, prompt(8, seed=i), params)
     processor.process_step()
     stats = processor.get_stats()
     assert stats.utilization == 0.5 and stats.total_tokens == 2
     while processor.has_work():
         processor.process_step()
     stats = processor.get_stats()
-    assert stats.total_tokens == 10 and stats.active_sequences == 0 and stats.kv_blocks_used == 0
+    assert stats.total_tokens == 10 and stats.running == 0 and stats.kv_blocks_used == 0

@@ -15,8 +15,8 @@ import pytest
 from conftest import FIXTURES
 from engine_probe import engine_logits
 
-from worker.offline import Request, run_to_completion
-from worker.sequence import SamplingParams
+from worker.batch_processor import Request, run_to_completion
+from worker.channel.types import SamplingParams
 
 NAMES = sorted(json.loads((FIXTURES / "manifest.json").read_text())["fixtures"])
 CHUNK = 32

@@ -13,7 +13,7 @@ from server.config import ServerConfig
 from server.logs import JsonFormatter, TextFormatter, request_fields
 from server.requests import RequestError, RequestState
 from server.validation import ValidatedRequest
-from worker.sequence import FinishReason, Priority, SamplingParams
+from worker.channel.types import FinishReason, Priority, SamplingParams
 
 
 def record(fields: dict | None = None, exc: bool = False) -> logging.LogRecord:

@@ -13,7 +13,7 @@ from server.servicer import AuthInterceptor, MetricsInterceptor
 from shoal.v1 import inference_pb2 as pb
 from shoal.v1 import inference_pb2_grpc as pb_grpc
 from worker.channel.messages import Status
-from worker.sequence import Priority
+from worker.channel.types import Priority
 
 
 def value(metrics: Metrics, name: str, **labels: str) -> float | None:
@@ -22,19 +22,22 @@ def value(metrics: Metrics, name: str, **labels: str) -> float | None:
 
 def status(active: int, total_tokens: int, preemptions: int = 0) -> Status:
     return Status(
-        active_sequences=active,
-        free_slots=4 - active,
+        running=active,
         waiting=0,
+        max_batch_size=4,
         kv_blocks_used=active * 2,
         kv_blocks_total=64,
+        kv_free_tokens=(64 - active * 2) * 16,
         total_tokens=total_tokens,
         preemptions=preemptions,
+        adds_received=active,
+        add_tokens_received=0,
     )
 
 
 def test_worker_counters_stay_monotonic_across_a_restart() -> None:
     metrics = Metrics()
-    metrics.worker_ready(0, max_batch_size=4, kv_blocks_total=64)
+    metrics.worker_ready(0, kv_blocks_total=64)
     metrics.worker_status(0, status(2, 10, preemptions=1))
     metrics.worker_status(0, status(3, 25, preemptions=1))
     assert value(metrics, "shoal_generated_tokens_total", worker="0") == 25
@@ -43,7 +46,7 @@ def test_worker_counters_stay_monotonic_across_a_restart() -> None:
     metrics.worker_gone(0)
     assert value(metrics, "shoal_worker_up", worker="0") == 0
     assert value(metrics, "shoal_active_sequences", worker="0") == 0
-    metrics.worker_ready(0, max_batch_size=4, kv_blocks_total=64)
+    metrics.worker_ready(0, kv_blocks_total=64)
     metrics.worker_status(0, status(1, 4))  # the new process counts from 0
     assert value(metrics, "shoal_generated_tokens_total", worker="0") == 29
     assert value(metrics, "shoal_preemptions_total", worker="0") == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.pending_queue import PendingQueue, QueueFull
-from worker.sequence import Priority
+from worker.channel.types import Priority
 
 HIGH, NORMAL, LOW = Priority.HIGH, Priority.NORMAL, Priority.LOW
 

@@ -16,8 +16,8 @@ from service_harness import RunningServer, start_server
 from tokenizers import Tokenizer
 
 from shoal.v1 import inference_pb2 as pb
-from worker.offline import Request, run_to_completion
-from worker.sequence import SamplingParams
+from worker.batch_processor import Request, run_to_completion
+from worker.channel.types import SamplingParams
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -1,4 +1,9 @@
-"""validate(): every bad field is refused with its name and limit; good requests pass through."""
+"""validate(): every bad field is refused with its name and limit; good requests pass through.
+
+Requests are built as protobuf messages and cross the gRPC edge
+(`fields_from_proto`) first, as the server does; the JSON edge (`from_json`)
+is checked at the end.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,17 @@ from typing import Any
 import pytest
 from tokenizers import Tokenizer
 
-from server.validation import InvalidRequest, Limits, ValidatedRequest, validate
+from server.servicer import fields_from_proto
+from server.validation import (
+    InvalidRequest,
+    Limits,
+    RequestFields,
+    ValidatedRequest,
+    from_json,
+)
+from server.validation import validate as validate_fields
 from shoal.v1 import inference_pb2 as pb
-from worker.sequence import Priority, SamplingParams
+from worker.channel.types import Priority, SamplingParams
 from worker.toy_tokenizer import build_tokenizer
 
 LIMITS = Limits(vocab_size=512, max_context=100, max_new_tokens_limit=50)
@@ -19,6 +32,11 @@ LIMITS = Limits(vocab_size=512, max_context=100, max_new_tokens_limit=50)
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
     return build_tokenizer(512)
+
+
+def validate(request: pb.GenerateRequest, limits: Limits, tokenizer: Any) -> ValidatedRequest:
+    """The server's path: the gRPC edge, then validation of plain values."""
+    return validate_fields(fields_from_proto(request), limits, tokenizer)
 
 
 def request(**fields: Any) -> pb.GenerateRequest:
@@ -34,6 +52,7 @@ def test_valid_request_round_trip(tokenizer: Tokenizer) -> None:
         temperature=0.5,
         top_k=40,
         top_p=0.75,
+        min_p=0.25,
         seed=1234,
         stop=["\n\n", "🙂"],
         stop_token_ids=[0, 7],
@@ -48,6 +67,7 @@ def test_valid_request_round_trip(tokenizer: Tokenizer) -> None:
             temperature=0.5,
             top_k=40,
             top_p=0.75,
+            min_p=0.25,
             seed=1234,
             stop_token_ids=(0, 7),
             ignore_eos=True,
@@ -117,12 +137,14 @@ def test_limits_are_inclusive(tokenizer: Tokenizer) -> None:
         ({"top_p": 1.5}, ["top_p", "[0, 1]"]),
         ({"top_p": -0.1}, ["top_p", "[0, 1]"]),
         ({"top_p": float("nan")}, ["top_p", "[0, 1]"]),
+        ({"min_p": 1.5}, ["min_p", "[0, 1]"]),
+        ({"min_p": float("nan")}, ["min_p", "[0, 1]"]),
         ({"top_k": 513}, ["top_k", "512"]),
         ({"stop": ["a"] * 17}, ["stop", "17", "16"]),
         ({"stop": ["ok", "s" * 257]}, ["stop[1]", "257", "256"]),
         ({"stop": ["ok", ""]}, ["stop[1]", "1 to 256"]),
         ({"stop_token_ids": [1] * 65}, ["stop_token_ids", "65", "64"]),
-        ({"stop_token_ids": [3, 600]}, ["stop_token_ids[1]", "600", "512"]),
+        ({"stop_token_ids": [3, 600]}, ["stop_token_ids[1]", "600", "[0, 512)"]),
         ({"priority": 4}, ["priority", "4", "[0, 3]"]),
         ({"priority": -1}, ["priority", "-1", "[0, 3]"]),
         ({"request_id": "x" * 129}, ["request_id", "129", "128"]),
@@ -154,3 +176,47 @@ def test_text_prompt_over_the_context(tokenizer: Tokenizer) -> None:
     req = pb.GenerateRequest(prompt=text, max_new_tokens=1)
     with pytest.raises(InvalidRequest, match="context of 100 tokens"):
         validate(req, LIMITS, tokenizer)
+
+
+def test_json_edge_checks_types_and_names_unknown_fields(tokenizer: Tokenizer) -> None:
+    line = {"prompt": "hi", "max_new_tokens": 3, "min_p": 0.1, "priority": "high", "seed": 5}
+    valid = validate_fields(from_json(line), LIMITS, tokenizer)
+    assert valid.priority == Priority.HIGH and valid.params.min_p == 0.1
+    assert valid.params.seed == 5 and valid.prompt_ids == tokenizer.encode("hi").ids
+    assert from_json({}) == RequestFields()
+    bad = [
+        ([1], "a JSON object"),
+        ({"colour": "blue"}, "unknown field 'colour'"),
+        ({"max_new_tokens": "3"}, "max_new_tokens must be an integer"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer"),
+        ({"max_new_tokens": True}, "max_new_tokens must be an integer"),
+        ({"temperature": "hot"}, "temperature must be a number"),
+        ({"prompt_token_ids": [1, "2"]}, "prompt_token_ids must be a list of integers"),
+        ({"stop": "x"}, "stop must be a list of strings"),
+        ({"ignore_eos": 1}, "ignore_eos must be true or false"),
+    ]
+    for obj, message in bad:
+        with pytest.raises(InvalidRequest, match=message):
+            from_json(obj)
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"priority": "URGENT"}, ["priority", "HIGH, NORMAL or LOW", "URGENT"]),
+        ({"max_new_tokens": -1}, ["max_new_tokens", "[1, 50]"]),
+        ({"top_k": -1}, ["top_k", "[0, 512]"]),
+        ({"seed": -1}, ["seed", "2**64"]),
+        ({"seed": 2**64}, ["seed", "2**64"]),
+        ({"prompt_token_ids": [1, -2]}, ["prompt_token_ids[1]", "-2", "[0, 512)"]),
+        ({"stop_token_ids": [-1]}, ["stop_token_ids[0]", "[0, 512)"]),
+    ],
+)
+def test_values_only_json_can_carry_are_refused(
+    tokenizer: Tokenizer, fields: dict[str, Any], words: list[str]
+) -> None:
+    base = {"prompt_token_ids": [1, 2, 3], "max_new_tokens": 4}
+    with pytest.raises(InvalidRequest) as info:
+        validate_fields(from_json({**base, **fields}), LIMITS, tokenizer)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))

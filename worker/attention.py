@@ -16,8 +16,8 @@ Visibility is decided by positions alone: key j is visible from a query at
 position i when j <= i (causal) and, with a sliding window W, i - j < W.
 Hidden scores get a large finite negative value rather than -inf: a row that
 sees nothing in one tile then carries weight exp(-1e30 - max) = 0 into the
-next, with no inf - inf to guard against. (A query that sees no key at all,
-such as a padding row at position -1, gets a meaningless but finite output.)
+next, with no inf - inf to guard against. (Every query sees at least its own
+key, so no output row is an average over nothing.)
 """
 
 from __future__ import annotations

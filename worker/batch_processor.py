@@ -1,38 +1,28 @@
 """BatchProcessor: continuous (iteration-level) batching over a paged KV cache.
 
-add_request(...)  -> False when slots or KV blocks are short
+add_request(...)  -> queue a request (ValueError only if it can never run)
 process_step()    =  schedule -> forward -> sample -> update states -> compact
-cancel(id)        -> frees the slot and KV blocks at once
-get_stats()       -> EngineStats
+cancel(handle)    -> frees the slot and KV blocks at once
+get_stats()       -> Status (the same record the worker sends the front)
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.backend import Backend, select_backend
+from worker.channel.messages import Status
+from worker.channel.types import EngineConfig, FinishReason, Priority, SamplingParams, TokenRecord
 from worker.checkpoint import Checkpoint, load_checkpoint
-from worker.engine_config import EngineConfig
 from worker.kv_cache import blocks_for, plan_kv_cache
 from worker.model_runner import ModelRunner
 from worker.scheduler import ScheduledBatch, Scheduler
-from worker.sequence import FinishReason, Priority, SamplingParams, Sequence, TokenEvent
+from worker.sequence import Sequence
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    active_sequences: int
-    total_tokens: int  # tokens generated since start
-    utilization: float  # active_sequences / max_batch_size
-    queue_length: int  # preempted sequences waiting to resume
-    kv_blocks_used: int
-    kv_blocks_total: int
-    free_slots: int
-    preemptions: int
 
 
 class BatchProcessor:
@@ -40,10 +30,8 @@ class BatchProcessor:
         self.config = config
         self.model_config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
-        self.max_seq_len = min(
-            config.max_seq_len or checkpoint.config.max_position_embeddings,
-            checkpoint.config.max_position_embeddings,
-        )
+        context = checkpoint.config.max_position_embeddings
+        self.max_seq_len = min(config.max_seq_len or context, context)
         self.layout = plan_kv_cache(checkpoint.config, config.kv_cache_mb, config.block_size)
         log.info("%s", self.layout.describe())
         self.runner = ModelRunner(checkpoint, self.layout, backend)
@@ -54,7 +42,7 @@ class BatchProcessor:
             config.prefill_token_budget,
         )
         self.total_tokens = 0
-        self._by_id: dict[str, Sequence] = {}
+        self._by_handle: dict[int, Sequence] = {}
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig) -> BatchProcessor:
@@ -63,7 +51,10 @@ class BatchProcessor:
 
     # -- requests -------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams, generated: list[int]) -> None:
-        """Raise ValueError naming the field and the limit for a request that can never run."""
+        """Raise ValueError naming the field and the limit for a request that can never run.
+
+        The front checks the same limits first (from Ready); this guards the engine itself.
+        """
         vocab = self.model_config.vocab_size
         if not prompt_ids:
             raise ValueError("prompt_token_ids must not be empty")
@@ -88,64 +79,64 @@ class BatchProcessor:
 
     def add_request(
         self,
-        request_id: str,
+        handle: int,
         prompt_ids: list[int],
         params: SamplingParams,
         priority: Priority = Priority.NORMAL,
         generated: list[int] | None = None,
-    ) -> bool:
-        """Start a request now, or return False when slots or KV blocks are short.
+    ) -> None:
+        """Queue a request; it starts when a slot and its KV blocks are free.
 
-        `generated` resumes a request elsewhere: those tokens count toward
+        `generated` resumes a request begun elsewhere: those tokens count toward
         max_new_tokens and the sampling position, and are not emitted again.
+        ValueError (naming the field and the limit) if it can never run.
         """
-        if request_id in self._by_id:
-            raise ValueError(f"request_id {request_id!r} is already running")
+        if handle in self._by_handle:
+            raise ValueError(f"request handle {handle} is already in use")
         generated = list(generated or [])
         self.validate(prompt_ids, params, generated)
-        seq = Sequence(request_id, list(prompt_ids), params, priority, generated=generated)
-        if not self.scheduler.admit(seq):
-            return False
-        self._by_id[request_id] = seq
-        return True
+        seq = Sequence(handle, list(prompt_ids), params, priority, generated=generated)
+        self.scheduler.add(seq)
+        self._by_handle[handle] = seq
 
-    def cancel(self, request_id: str) -> TokenEvent | None:
-        seq = self._by_id.pop(request_id, None)
+    def cancel(self, handle: int) -> TokenRecord | None:
+        """End a queued or running request; None if it is not here (already finished)."""
+        seq = self._by_handle.pop(handle, None)
         if seq is None:
             return None
         seq.finish_reason = FinishReason.CANCELLED
-        self.scheduler.release(seq)
-        return TokenEvent(request_id, -1, seq.tokens_generated, FinishReason.CANCELLED)
+        self.scheduler.remove(seq)
+        return TokenRecord(handle, -1, seq.tokens_generated, FinishReason.CANCELLED)
 
     def has_work(self) -> bool:
-        return bool(self._by_id)
+        return bool(self._by_handle)
 
     # -- one engine step ------------------------------------------------------------
-    def process_step(self) -> list[TokenEvent]:
+    def process_step(self) -> list[TokenRecord]:
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
         sampled, next_tokens = self.runner.run(batch)
-        events = self.update_states(batch, sampled, next_tokens.tolist())
+        records = self.update_states(batch, sampled, next_tokens.tolist())
         self.compact()
-        return events
+        return records
 
     def update_states(
         self, batch: ScheduledBatch, sampled: list[Sequence], next_tokens: list[int]
-    ) -> list[TokenEvent]:
+    ) -> list[TokenRecord]:
         for seq in batch.decodes:
             seq.num_computed += 1
         for seq, chunk in batch.prefills:
             seq.num_computed += chunk
-        events = []
+        records = []
         for seq, token in zip(sampled, next_tokens, strict=True):
             seq.generated.append(token)
             seq.finish_reason = self.finish_reason(seq, token)
-            events.append(
-                TokenEvent(seq.request_id, token, seq.tokens_generated - 1, seq.finish_reason)
+            records.append(
+                TokenRecord(seq.handle, token, seq.tokens_generated - 1, seq.finish_reason)
             )
         self.total_tokens += len(sampled)
-        return events
+        return records
 
     def finish_reason(self, seq: Sequence, token: int) -> FinishReason:
         params = seq.params
@@ -160,20 +151,64 @@ class BatchProcessor:
     def compact(self) -> None:
         """Free finished sequences' slots and KV blocks at once."""
         for seq in [s for s in self.scheduler.running if not s.active]:
-            self.scheduler.release(seq)
-            del self._by_id[seq.request_id]
+            self.scheduler.remove(seq)
+            del self._by_handle[seq.handle]
 
     # -- introspection --------------------------------------------------------------
-    def get_stats(self) -> EngineStats:
-        running = len(self.scheduler.running)
-        allocator = self.scheduler.allocator
-        return EngineStats(
-            active_sequences=running,
-            total_tokens=self.total_tokens,
-            utilization=running / self.config.max_batch_size,
-            queue_length=len(self.scheduler.preempted),
+    def get_stats(self, adds_received: int = 0, add_tokens_received: int = 0) -> Status:
+        """This engine's load, as the Status the worker reports after each step."""
+        scheduler, allocator = self.scheduler, self.scheduler.allocator
+        return Status(
+            running=len(scheduler.running),
+            waiting=len(scheduler.waiting),
+            max_batch_size=self.config.max_batch_size,
             kv_blocks_used=allocator.num_used,
             kv_blocks_total=allocator.num_blocks,
-            free_slots=self.config.max_batch_size - running,
-            preemptions=self.scheduler.num_preemptions,
+            kv_free_tokens=scheduler.free_kv_tokens(),
+            total_tokens=self.total_tokens,
+            preemptions=scheduler.num_preemptions,
+            adds_received=adds_received,
+            add_tokens_received=add_tokens_received,
         )
+
+
+# -- the bare engine, run to completion (tests and engine benchmarks) ----------------
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    priority: Priority = Priority.NORMAL
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason = FinishReason.NONE
+
+
+def run_to_completion(
+    processor: BatchProcessor,
+    requests: Iterable[Request],
+    on_records: Callable[[list[TokenRecord]], None] | None = None,
+) -> dict[str, Completion]:
+    """Queue every request, step until all have finished; results keyed by request_id.
+
+    Token ids only: no detokenizer or stop strings (those are the front's,
+    server/frontend.py, which `python -m worker.batch` runs).
+    """
+    by_handle: dict[int, Completion] = {}
+    for handle, request in enumerate(requests):
+        processor.add_request(handle, request.prompt_ids, request.params, request.priority)
+        by_handle[handle] = Completion(request.request_id, len(request.prompt_ids))
+    while processor.has_work():
+        records = processor.process_step()
+        for record in records:
+            done = by_handle[record.handle]
+            done.token_ids.append(record.token_id)
+            done.finish_reason = record.finish_reason
+        if on_records is not None:
+            on_records(records)
+    return {c.request_id: c for c in by_handle.values()}

@@ -27,7 +27,7 @@ Array = Any
 class PrefillSegment:
     start: int  # first row of the chunk in the step's token matrix
     end: int
-    block_table: Array  # (1, num_blocks) int32
+    block_table: Array  # (1, num_blocks) int64
     num_kv_blocks: int  # blocks holding the prefix plus this chunk
 
 
@@ -40,7 +40,7 @@ class StepInputs:
     slot_blocks: Array  # (T,) int64: cache block receiving each new token's K/V
     slot_offsets: Array  # (T,) int64: offset inside that block
     num_decode: int  # rows [0, num_decode) are single-token decodes
-    decode_tables: Array | None  # (num_decode, max_blocks) int32
+    decode_tables: Array | None  # (num_decode, max_blocks) int64, rows zero-padded
     decode_kv_blocks: int  # max blocks any decoding sequence uses
     prefills: list[PrefillSegment]
     logits_rows: Array  # (S,) rows whose next-token logits are wanted

@@ -91,14 +91,10 @@ class ModelRunner:
         logits = self.model.forward(step, self.cache)  # (S, vocab)
         if not sampled:
             return sampled, np.empty(0, dtype=np.int64)
-        params = [s.params for s in sampled]
         tokens = sample(
             self.backend.xp,
             logits,
-            temperature=[p.temperature for p in params],
-            top_k=[p.top_k for p in params],
-            top_p=[p.top_p for p in params],
-            seeds=[p.seed for p in params],
+            params=[s.params for s in sampled],
             indices=[s.tokens_generated for s in sampled],
         )
         return sampled, self.backend.to_host(tokens).astype(np.int64)

@@ -1,5 +1,11 @@
 """Next-token selection: small pure functions over a (rows, vocab) logits array.
 
+Order of the filters, as in Hugging Face transformers' logits warpers
+(TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper):
+temperature, then top-k, then top-p over the renormalised top-k mass, then
+min-p (Nguyen et al. 2024, "Turning Up the Heat: Min-p Sampling"), which keeps
+tokens whose probability is at least min_p times the most likely one's.
+
 Determinism: the random draw for token i of a request is a uniform number from
 NumPy's counter-based Philox generator keyed by the request's seed with
 counter i. The token then follows by inverse-CDF over the filtered
@@ -14,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from worker.channel.types import SamplingParams
+
 Array = Any
 
 
@@ -27,19 +35,20 @@ def greedy(xp: Any, logits: Array) -> Array:
 
 
 def filtered_probs(
-    xp: Any, logits: Array, temperature: Array, top_k: Array, top_p: Array
+    xp: Any, logits: Array, temperature: Array, top_k: Array, top_p: Array, min_p: Array
 ) -> tuple[Array, Array]:
-    """Temperature, then top-k, then top-p over the renormalised top-k mass.
+    """Temperature, top-k, top-p, min-p (see the module docstring).
 
-    logits (rows, vocab); temperature/top_p float32 (rows,); top_k int (rows,), 0 = off.
-    Returns (order, probs): token ids sorted by descending logit and the kept,
-    unnormalised probability of each, both (rows, vocab).
+    logits (rows, vocab); temperature, top_p, min_p float32 (rows,); top_k int
+    (rows,); top_k 0, top_p 1 and min_p 0 are off. Returns (order, probs):
+    token ids sorted by descending logit and the kept, unnormalised
+    probability of each, both (rows, vocab).
     """
     vocab = logits.shape[-1]
     scaled = logits / temperature[:, None]  # (rows, vocab)
     order = xp.argsort(-scaled, axis=-1)  # (rows, vocab), most likely first
     ranked = xp.take_along_axis(scaled, order, axis=-1)
-    probs = xp.exp(ranked - ranked[:, :1])  # (rows, vocab), un-normalised softmax
+    probs = xp.exp(ranked - ranked[:, :1])  # (rows, vocab), un-normalised softmax, probs[:, 0] = 1
 
     rank = xp.arange(vocab)[None, :]  # (1, vocab)
     k = xp.where(top_k > 0, top_k, vocab)[:, None]  # (rows, 1)
@@ -50,6 +59,9 @@ def filtered_probs(
     mass_before = xp.cumsum(probs, axis=-1) - probs  # (rows, vocab)
     p = xp.where((top_p > 0) & (top_p < 1), top_p, np.float32(2))[:, None]  # 2 = off
     probs = xp.where(mass_before < p, probs, np.float32(0))
+
+    # Min-p: relative to the most likely token (column 0, never filtered above).
+    probs = xp.where(probs >= min_p[:, None] * probs[:, :1], probs, np.float32(0))
     return order, probs
 
 
@@ -62,27 +74,29 @@ def sample_from(xp: Any, order: Array, probs: Array, uniform: Array) -> Array:
 
 
 def sample(
-    xp: Any,
-    logits: Array,
-    temperature: Sequence[float],
-    top_k: Sequence[int],
-    top_p: Sequence[float],
-    seeds: Sequence[int],
-    indices: Sequence[int],
+    xp: Any, logits: Array, params: Sequence[SamplingParams], indices: Sequence[int]
 ) -> Array:
-    """Choose one token id per row (device array); rows with temperature 0 are greedy."""
-    temps = np.asarray(temperature, dtype=np.float32)
-    chosen = greedy(xp, logits)
-    stochastic = np.flatnonzero(temps > 0)
-    if stochastic.size:
-        rows = xp.asarray(stochastic)
+    """One token id per row (device array); row r uses params[r] and is token indices[r].
+
+    Rows with temperature 0 are greedy; the others' parameter arrays are built here.
+    """
+    stochastic = [r for r, p in enumerate(params) if not p.greedy]
+    chosen = greedy(xp, logits)  # (rows,)
+    if stochastic:
+        rows = [params[r] for r in stochastic]
+
+        def column(name: str, dtype: type) -> Array:
+            return xp.asarray(np.array([getattr(p, name) for p in rows], dtype=dtype))
+
         order, probs = filtered_probs(
             xp,
-            logits[rows],
-            xp.asarray(temps[stochastic]),
-            xp.asarray(np.asarray(top_k, dtype=np.int64)[stochastic]),
-            xp.asarray(np.asarray(top_p, dtype=np.float32)[stochastic]),
+            logits[xp.asarray(stochastic)],
+            column("temperature", np.float32),
+            column("top_k", np.int64),
+            column("top_p", np.float32),
+            column("min_p", np.float32),
         )
-        uniform = np.array([draw_uniform(seeds[r], indices[r]) for r in stochastic])
-        chosen[rows] = sample_from(xp, order, probs, xp.asarray(uniform, dtype=np.float32))
+        uniform = [draw_uniform(params[r].seed, indices[r]) for r in stochastic]
+        picked = sample_from(xp, order, probs, xp.asarray(np.array(uniform, dtype=np.float32)))
+        chosen[xp.asarray(stochastic)] = picked
     return chosen

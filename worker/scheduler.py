@@ -1,18 +1,23 @@
-"""Scheduler: which sequences run this step, and how many tokens each.
+"""Scheduler: the worker's one admission queue, and which sequences run each step.
 
-Policy, per step:
-1. resume preempted sequences first, as blocks allow;
+Two lists, as in nano-vllm: `waiting` (admitted by the engine, no KV yet;
+ordered by Sequence.rank: preempted first, then priority, then arrival) and
+`running` (holding KV blocks). Policy, per step:
+
+1. start waiting sequences in order while a slot and their blocks are free
+   (a few blocks are kept back while others run, so decodes can grow); the
+   head blocks the rest, so a later or lower-priority request never jumps it;
 2. every decoding sequence runs (one token each); when one needs a new KV
-   block and none is free, the lowest-priority, latest-arrived running
-   sequence is preempted: its blocks go back to the pool and it waits to be
-   recomputed (prompt + tokens generated so far), losing nothing;
+   block and none is free, the lowest-ranked running sequence is preempted:
+   its blocks go back to the pool and it waits to be recomputed (prompt +
+   tokens generated so far), losing nothing;
 3. prefill chunks fill the remaining per-step token budget, so one long
    prompt is split across steps instead of stalling everyone's decoding.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
 from dataclasses import dataclass, field
 
 from worker.kv_cache import BlockAllocator, blocks_for
@@ -33,11 +38,6 @@ class ScheduledBatch:
         return len(self.decodes) + sum(n for _, n in self.prefills)
 
 
-def _rank(seq: Sequence) -> tuple[int, int]:
-    """Sort key: higher priority first, then earlier arrival."""
-    return (int(seq.priority), seq.arrival)
-
-
 class Scheduler:
     def __init__(
         self, allocator: BlockAllocator, block_size: int, max_batch_size: int, prefill_budget: int
@@ -46,65 +46,43 @@ class Scheduler:
         self.block_size = block_size
         self.max_batch_size = max_batch_size
         self.prefill_budget = prefill_budget
+        self.waiting: list[Sequence] = []  # sorted by Sequence.rank
         self.running: list[Sequence] = []
-        self.preempted: deque[Sequence] = deque()
         self.num_preemptions = 0
         # Keep a few blocks back from admission so running decodes can grow without churn.
         self.watermark = max(1, allocator.num_blocks // 100)
 
-    # -- admission ----------------------------------------------------------------
-    def blocks_needed(self, seq: Sequence) -> int:
-        return blocks_for(seq.current_length, self.block_size)
+    # -- the queue ------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        bisect.insort(self.waiting, seq, key=lambda s: s.rank)
 
-    def can_admit(self, seq: Sequence, reserve: int = 0) -> bool:
-        return (
-            len(self.running) < self.max_batch_size
-            and self.allocator.num_free >= self.blocks_needed(seq) + reserve
-        )
-
-    def admit(self, seq: Sequence) -> bool:
-        """Start seq if a slot and its blocks are free; preempted sequences go first."""
-        reserve = self.watermark if self.running else 0  # an idle engine takes any fitting prompt
-        if self.preempted or not self.can_admit(seq, reserve=reserve):
-            return False
-        self._start(seq)
-        return True
-
-    def _start(self, seq: Sequence) -> None:
-        seq.block_table = self.allocator.allocate(self.blocks_needed(seq))
-        seq.num_computed = 0
-        self.running.append(seq)
-
-    # -- release --------------------------------------------------------------------
-    def release(self, seq: Sequence) -> None:
-        """Give a sequence's blocks back and forget it (finished or cancelled)."""
+    def remove(self, seq: Sequence) -> None:
+        """Forget a sequence (finished or cancelled) and give its blocks back."""
         self.allocator.free(seq.block_table)
         seq.block_table = []
         if seq in self.running:
             self.running.remove(seq)
-        elif seq in self.preempted:
-            self.preempted.remove(seq)
+        else:
+            self.waiting.remove(seq)
 
-    def _preempt(self, victim: Sequence) -> None:
-        self.release(victim)
-        victim.num_computed = 0
-        self.num_preemptions += 1
-        # Waiting order mirrors service order: priority, then arrival.
-        position = sum(1 for s in self.preempted if _rank(s) < _rank(victim))
-        self.preempted.insert(position, victim)
+    def blocks_needed(self, seq: Sequence) -> int:
+        return blocks_for(seq.current_length, self.block_size)
+
+    def free_kv_tokens(self) -> int:
+        """KV tokens still free once every waiting sequence has its blocks."""
+        free = self.allocator.num_free - sum(self.blocks_needed(s) for s in self.waiting)
+        return max(0, free) * self.block_size
 
     # -- one step -------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
-        while self.preempted and self.can_admit(self.preempted[0]):
-            self._start(self.preempted.popleft())
-
+        self._admit()
         batch = ScheduledBatch()
-        for seq in sorted(self.running, key=_rank):
+        for seq in sorted(self.running, key=lambda s: s.rank):
             if seq in self.running and seq.is_decoding and self._reserve_slot(seq):
                 batch.decodes.append(seq)
 
         budget = self.prefill_budget
-        for seq in sorted(self.running, key=_rank):
+        for seq in sorted(self.running, key=lambda s: s.rank):
             if budget == 0:
                 break
             if not seq.is_decoding and seq.num_pending > 0:
@@ -113,14 +91,32 @@ class Scheduler:
                 budget -= chunk
         return batch
 
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_batch_size:
+            seq = self.waiting[0]
+            reserve = self.watermark if self.running else 0  # an idle engine takes any prompt
+            if self.allocator.num_free < self.blocks_needed(seq) + reserve:
+                return
+            self.waiting.pop(0)
+            seq.block_table = self.allocator.allocate(self.blocks_needed(seq))
+            seq.num_computed = 0
+            self.running.append(seq)
+
     def _reserve_slot(self, seq: Sequence) -> bool:
         """Make room for the K/V of seq's pending token; False if seq itself was preempted."""
         while len(seq.block_table) * self.block_size <= seq.num_computed:
             if self.allocator.num_free == 0:
-                victim = max(self.running, key=_rank)
+                victim = max(self.running, key=lambda s: s.rank)
                 self._preempt(victim)
                 if victim is seq:
                     return False
                 continue
             seq.block_table.extend(self.allocator.allocate(1))
         return True
+
+    def _preempt(self, victim: Sequence) -> None:
+        self.remove(victim)
+        victim.num_computed = 0
+        victim.preempted = True
+        self.num_preemptions += 1
+        self.add(victim)

@@ -1,29 +1,28 @@
-"""Messages on the worker channel and their fixed binary layout (struct, never pickle).
-
-Requests are named on the channel by a `handle` (u64) that the front assigns,
-so every record has a fixed size; the front maps handles to request ids.
+"""Messages on the worker channel, and their binary codec (never pickle).
 
 front -> worker: Add, Cancel, Shutdown
-worker -> front: Ready, Tokens, Status, Rejected
+worker -> front: Ready, Status, Tokens, Rejected
+
+A request is named on the channel, and inside the worker, by an integer
+`handle` the front assigns; the front maps handles to request ids.
+
+The codec is derived from the dataclass fields, in declaration order:
+`int` is a little-endian u64, `float` an f64, `bool` one byte, an enum one
+byte, `str` a u32 byte length then UTF-8, `list[int]` / `tuple[int, ...]` a
+u32 count then u32 values, a nested dataclass its own fields in turn, and
+`list[TokenRecord]` a u32 count then fixed 21-byte records. A message is one
+kind byte (its position in MESSAGES) followed by its fields.
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
-from enum import IntEnum
+from array import array
+from dataclasses import dataclass, field, fields, is_dataclass
+from functools import cache
+from typing import Any
 
-from worker.sequence import FinishReason, Priority, SamplingParams
-
-
-class Kind(IntEnum):
-    ADD = 1
-    CANCEL = 2
-    SHUTDOWN = 3
-    READY = 10
-    TOKENS = 11
-    STATUS = 12
-    REJECTED = 13
+from worker.channel.types import FinishReason, Priority, SamplingParams, TokenRecord
 
 
 @dataclass(frozen=True)
@@ -33,6 +32,11 @@ class Add:
     params: SamplingParams
     priority: Priority = Priority.NORMAL
     generated: list[int] = field(default_factory=list)  # tokens produced elsewhere already
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens whose K/V the request needs at admission."""
+        return len(self.prompt_ids) + len(self.generated)
 
 
 @dataclass(frozen=True)
@@ -53,20 +57,54 @@ class Ready:
     max_batch_size: int
     kv_blocks_total: int
     block_size: int
-    max_seq_len: int
+    max_seq_len: int  # the model's context, capped by the engine config
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     device: str
     model_name: str
     architecture: str
 
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.kv_blocks_total * self.block_size
+
+    @property
+    def max_context(self) -> int:
+        """Longest prompt + completion one request can have: the context, or the KV pool."""
+        return min(self.max_seq_len, self.kv_capacity_tokens)
+
 
 @dataclass(frozen=True)
-class TokenRecord:
-    handle: int
-    token_id: int  # -1 on a cancellation record
-    index: int  # position in the completion
-    finish_reason: FinishReason
+class Status:
+    """A worker's load after a step: the front's only source of capacity ("credits").
+
+    `waiting` counts requests in the worker's admission queue, new or preempted.
+    `kv_free_tokens` is what the KV pool can still take once the waiting
+    requests are in. `adds_received` and `add_tokens_received` count every Add
+    the worker has read (and their prompt tokens), so the front can subtract
+    what is still in flight.
+    """
+
+    running: int
+    waiting: int
+    max_batch_size: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    kv_free_tokens: int
+    total_tokens: int  # generated since the worker started
+    preemptions: int
+    adds_received: int
+    add_tokens_received: int
+
+    @property
+    def utilization(self) -> float:
+        """running / max_batch_size, in [0, 1]."""
+        return self.running / self.max_batch_size if self.max_batch_size else 0.0
+
+    @property
+    def free_slots(self) -> int:
+        """Requests the worker could start now without queueing any."""
+        return max(0, self.max_batch_size - self.running - self.waiting)
 
 
 @dataclass(frozen=True)
@@ -75,147 +113,92 @@ class Tokens:
 
 
 @dataclass(frozen=True)
-class Status:
-    active_sequences: int
-    free_slots: int
-    waiting: int  # requests in the worker not yet running (KV space) or preempted
-    kv_blocks_used: int
-    kv_blocks_total: int
-    total_tokens: int
-    preemptions: int
-
-
-@dataclass(frozen=True)
 class Rejected:
+    """An Add the worker can never run (the message names the field and the limit)."""
+
     handle: int
     message: str
 
 
-Message = Add | Cancel | Shutdown | Ready | Tokens | Status | Rejected
-
-_KIND = struct.Struct("<B")
-# handle, max_new_tokens, temperature, top_k, top_p, seed, ignore_eos, priority,
-# n_stop_ids, n_prompt, n_generated
-_ADD = struct.Struct("<QIfIfQBBIII")
-_HANDLE = struct.Struct("<Q")
-_READY = struct.Struct("<QIIIIII")  # ..., vocab_size, n_eos
-_RECORD = struct.Struct("<QiIB")
-_STATUS = struct.Struct("<IIIIIQQ")
+Message = Add | Cancel | Shutdown | Ready | Status | Tokens | Rejected
+MESSAGES: tuple[type, ...] = (Add, Cancel, Shutdown, Ready, Status, Tokens, Rejected)
+_NESTED = {"SamplingParams": SamplingParams}
+_ENUMS = {"Priority": Priority, "FinishReason": FinishReason}
+_SCALARS = {"int": struct.Struct("<Q"), "float": struct.Struct("<d"), "bool": struct.Struct("<?")}
+_BYTE, _COUNT = struct.Struct("<B"), struct.Struct("<I")
+_RECORD = struct.Struct("<QqIB")  # handle, token_id, index, finish_reason
+_ID_LISTS = ("list[int]", "tuple[int, ...]")
 
 
-def _ids(values: list[int] | tuple[int, ...]) -> bytes:
-    return struct.pack(f"<{len(values)}I", *values)
+@cache
+def _layout(cls: type) -> tuple[tuple[str, str], ...]:
+    return tuple((f.name, str(f.type)) for f in fields(cls))
 
 
 def encode(message: Message) -> bytes:
-    match message:
-        case Add(handle, prompt, p, priority, generated):
-            head = _ADD.pack(
-                handle,
-                p.max_new_tokens,
-                p.temperature,
-                p.top_k,
-                p.top_p,
-                p.seed,
-                p.ignore_eos,
-                priority,
-                len(p.stop_token_ids),
-                len(prompt),
-                len(generated),
-            )
-            return b"".join(
-                [_KIND.pack(Kind.ADD), head, _ids(p.stop_token_ids), _ids(prompt), _ids(generated)]
-            )
-        case Cancel(handle):
-            return _KIND.pack(Kind.CANCEL) + _HANDLE.pack(handle)
-        case Shutdown():
-            return _KIND.pack(Kind.SHUTDOWN)
-        case Ready():
-            m = message
-            fixed = _READY.pack(
-                m.pid,
-                m.max_batch_size,
-                m.kv_blocks_total,
-                m.block_size,
-                m.max_seq_len,
-                m.vocab_size,
-                len(m.eos_token_ids),
-            )
-            texts = b"\x00".join(t.encode() for t in (m.device, m.model_name, m.architecture))
-            return _KIND.pack(Kind.READY) + fixed + _ids(m.eos_token_ids) + texts
-        case Tokens(records):
-            body = b"".join(
-                _RECORD.pack(r.handle, r.token_id, r.index, r.finish_reason) for r in records
-            )
-            return _KIND.pack(Kind.TOKENS) + body
-        case Status():
-            fields = (
-                message.active_sequences,
-                message.free_slots,
-                message.waiting,
-                message.kv_blocks_used,
-                message.kv_blocks_total,
-                message.total_tokens,
-                message.preemptions,
-            )
-            return _KIND.pack(Kind.STATUS) + _STATUS.pack(*fields)
-        case Rejected(handle, text):
-            return _KIND.pack(Kind.REJECTED) + _HANDLE.pack(handle) + text.encode()
-    raise TypeError(f"not a channel message: {message!r}")
+    out = [_BYTE.pack(MESSAGES.index(type(message)))]
+    _write(message, out)
+    return b"".join(out)
 
 
-def _take_ids(data: bytes, offset: int, count: int) -> tuple[list[int], int]:
-    end = offset + 4 * count
-    return list(struct.unpack_from(f"<{count}I", data, offset)), end
+def decode(data: bytes | memoryview) -> Message:
+    cls = MESSAGES[data[0]]
+    message, _ = _read(cls, memoryview(data), 1)
+    return message
 
 
-def decode(data: bytes) -> Message:
-    kind, body = Kind(data[0]), 1
-    if kind == Kind.ADD:
-        (
-            handle,
-            max_new,
-            temp,
-            top_k,
-            top_p,
-            seed,
-            ignore_eos,
-            priority,
-            n_stop,
-            n_prompt,
-            n_gen,
-        ) = _ADD.unpack_from(data, body)
-        offset = body + _ADD.size
-        stop, offset = _take_ids(data, offset, n_stop)
-        prompt, offset = _take_ids(data, offset, n_prompt)
-        generated, offset = _take_ids(data, offset, n_gen)
-        params = SamplingParams(
-            max_new_tokens=max_new,
-            temperature=temp,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop_token_ids=tuple(stop),
-            ignore_eos=bool(ignore_eos),
-        )
-        return Add(handle, prompt, params, Priority(priority), generated)
-    if kind == Kind.CANCEL:
-        return Cancel(_HANDLE.unpack_from(data, body)[0])
-    if kind == Kind.SHUTDOWN:
-        return Shutdown()
-    if kind == Kind.READY:
-        *fields, n_eos = _READY.unpack_from(data, body)
-        eos, offset = _take_ids(data, body + _READY.size, n_eos)
-        device, name, arch = data[offset:].decode().split("\x00")
-        return Ready(*fields, tuple(eos), device, name, arch)
-    if kind == Kind.TOKENS:
-        return Tokens(
-            [
+def _write(obj: Any, out: list[bytes]) -> None:
+    for name, kind in _layout(type(obj)):
+        value = getattr(obj, name)
+        if kind in _SCALARS:
+            out.append(_SCALARS[kind].pack(value))
+        elif kind in _ENUMS:
+            out.append(_BYTE.pack(value))
+        elif kind == "str":
+            raw = value.encode()
+            out += (_COUNT.pack(len(raw)), raw)
+        elif kind in _ID_LISTS:
+            out += (_COUNT.pack(len(value)), array("I", value).tobytes())
+        elif kind == "list[TokenRecord]":
+            out.append(_COUNT.pack(len(value)))
+            out += (_RECORD.pack(r.handle, r.token_id, r.index, r.finish_reason) for r in value)
+        elif kind in _NESTED:
+            _write(value, out)
+        else:
+            raise TypeError(f"{type(obj).__name__}.{name}: no wire codec for {kind}")
+
+
+def _read(cls: type, data: memoryview, offset: int) -> tuple[Any, int]:
+    values: dict[str, Any] = {}
+    for name, kind in _layout(cls):
+        if kind in _SCALARS:
+            (values[name],) = _SCALARS[kind].unpack_from(data, offset)
+            offset += _SCALARS[kind].size
+        elif kind in _ENUMS:
+            values[name] = _ENUMS[kind](data[offset])
+            offset += 1
+        elif kind == "str":
+            (size,) = _COUNT.unpack_from(data, offset)
+            values[name] = bytes(data[offset + 4 : offset + 4 + size]).decode()
+            offset += 4 + size
+        elif kind in _ID_LISTS:
+            (count,) = _COUNT.unpack_from(data, offset)
+            ids_array = array("I")  # native order: little-endian on the platforms we run on
+            ids_array.frombytes(data[offset + 4 : offset + 4 + 4 * count])
+            ids = ids_array.tolist()
+            values[name] = ids if kind == "list[int]" else tuple(ids)
+            offset += 4 + 4 * count
+        elif kind == "list[TokenRecord]":
+            (count,) = _COUNT.unpack_from(data, offset)
+            end = offset + 4 + _RECORD.size * count
+            values[name] = [
                 TokenRecord(h, t, i, FinishReason(f))
-                for h, t, i, f in _RECORD.iter_unpack(data[body:])
+                for h, t, i, f in _RECORD.iter_unpack(data[offset + 4 : end])
             ]
-        )
-    if kind == Kind.STATUS:
-        return Status(*_STATUS.unpack_from(data, body))
-    handle = _HANDLE.unpack_from(data, body)[0]
-    return Rejected(handle, data[body + _HANDLE.size :].decode())
+            offset = end
+        elif kind in _NESTED:
+            values[name], offset = _read(_NESTED[kind], data, offset)
+        else:
+            raise TypeError(f"{cls.__name__}.{name}: no wire codec for {kind}")
+    assert is_dataclass(cls)
+    return cls(**values), offset

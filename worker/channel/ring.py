@@ -8,41 +8,38 @@ Ring layout (one segment):
 
     [0:8)     head: bytes consumed so far (written by the consumer only)
     [64:72)   tail: bytes published so far (written by the producer only)
-    [128:)    data, `capacity` bytes, a power of two
+    [128:)    data, `capacity` bytes, a multiple of 8
 
-Head and tail grow for ever (uint64) and are taken modulo capacity; they sit
-on separate cache lines so the two sides do not false-share. A frame is a
-little-endian u32 length, a u32 flag word, then the payload, padded to 8
-bytes. A frame never wraps: when it does not fit before the end, the
-producer writes a PAD word and starts again at offset 0. The producer copies
-the frame in, then publishes it with one aligned 8-byte store to `tail`; the
-consumer reads frames up to `tail`, then publishes its progress to `head`.
+Head and tail grow for ever (uint64); a byte's place in the data is the
+counter modulo `capacity`. They sit on separate cache lines so the two sides
+do not false-share. A message is stored as a record: a u64 payload length,
+then the payload, padded to 8 bytes. Records are 8-byte aligned, so a length
+never straddles the end of the data; a payload may, and is then copied in two
+pieces. The producer copies a whole record in, then publishes it with one
+aligned 8-byte store to `tail`, so a message is visible entirely or not at
+all; the consumer reads records up to `tail`, then publishes `head`.
 (Aligned 8-byte stores are atomic and stay in program order for other cores
 on x86-64, the platform this is built for; ARM64 would need fences.)
 
-Messages larger than one frame (long prompts) are split into frames whose
-MORE flag is set on all but the last; the consumer joins them. When the ring
-is full the producer waits (back-pressure): nothing is dropped or overwritten.
+When the ring is full, `try_write` returns False and writes nothing: the
+caller waits (back-pressure); nothing is dropped or overwritten.
 """
 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
+import select
 import struct
 import uuid
 from collections.abc import Iterator
 from multiprocessing import shared_memory
-from multiprocessing.connection import Connection
 from pathlib import Path
 
 SEGMENT_PREFIX = "shoal-"
 _HEAD, _TAIL = 0, 8  # indices into the header viewed as uint64 (byte offsets 0 and 64)
 _HEADER_BYTES = 128
-_FRAME = struct.Struct("<II")  # payload length, flags
-_PAD = 0xFFFFFFFF  # a length that means "skip to the start of the ring"
-_MORE = 1  # flag: the message continues in the next frame
+_LENGTH = struct.Struct("<Q")
 
 
 def _align8(n: int) -> int:
@@ -57,14 +54,12 @@ class Ring:
         self.capacity = capacity
         self._counters = shm.buf[:_HEADER_BYTES].cast("Q")  # 16 uint64 slots
         self._data = shm.buf[_HEADER_BYTES : _HEADER_BYTES + capacity]
-        # Largest payload per frame: leaves room for the frame header and padding.
-        self.max_frame_payload = capacity // 4
-        self._partial: list[bytes] = []  # consumer side: frames of an unfinished message
 
     @classmethod
     def create(cls, name: str, capacity: int) -> Ring:
-        if capacity < 4096 or capacity & (capacity - 1):
-            raise ValueError(f"ring capacity must be a power of two >= 4096 (got {capacity})")
+        """A new segment of `capacity` data bytes (ValueError unless a multiple of 8, >= 4096)."""
+        if capacity < 4096 or capacity % 8:
+            raise ValueError(f"ring capacity must be a multiple of 8, >= 4096 (got {capacity})")
         shm = shared_memory.SharedMemory(name=name, create=True, size=_HEADER_BYTES + capacity)
         shm.buf[:_HEADER_BYTES] = bytes(_HEADER_BYTES)
         return cls(shm, capacity)
@@ -74,50 +69,49 @@ class Ring:
         shm = shared_memory.SharedMemory(name=name, create=False)
         return cls(shm, shm.size - _HEADER_BYTES)
 
+    @property
+    def max_message_bytes(self) -> int:
+        return self.capacity - _LENGTH.size
+
     # -- producer --------------------------------------------------------------------
-    def free_bytes(self) -> int:
-        return self.capacity - (self._counters[_TAIL] - self._counters[_HEAD])
+    def try_write(self, message: bytes) -> bool:
+        """Publish the whole message, or nothing (False) when the ring lacks room now.
 
-    def frames_of(self, message: bytes) -> list[tuple[bytes, int]]:
-        step = self.max_frame_payload
-        pieces = [message[i : i + step] for i in range(0, len(message), step)] or [b""]
-        return [(p, _MORE if i < len(pieces) - 1 else 0) for i, p in enumerate(pieces)]
-
-    def try_write_frame(self, payload: bytes, flags: int = 0) -> bool:
-        """Copy one frame in and publish it; False (nothing written) when it does not fit."""
-        need = _align8(_FRAME.size + len(payload))
+        ValueError for a message larger than the ring could ever hold.
+        """
+        need = _align8(_LENGTH.size + len(message))
+        if need > self.capacity:
+            raise ValueError(
+                f"message of {len(message)} bytes exceeds the ring "
+                f"({self.max_message_bytes} bytes at most)"
+            )
         tail = self._counters[_TAIL]
-        pos = tail % self.capacity
-        skip = self.capacity - pos if pos + need > self.capacity else 0
-        if self.free_bytes() < skip + need:
+        if self.capacity - (tail - self._counters[_HEAD]) < need:
             return False
-        if skip:
-            _FRAME.pack_into(self._data, pos, _PAD, 0)
-            pos = 0
-        _FRAME.pack_into(self._data, pos, len(payload), flags)
-        self._data[pos + _FRAME.size : pos + _FRAME.size + len(payload)] = payload
-        self._counters[_TAIL] = tail + skip + need  # publish
+        pos = tail % self.capacity
+        _LENGTH.pack_into(self._data, pos, len(message))
+        start = (pos + _LENGTH.size) % self.capacity
+        first = min(len(message), self.capacity - start)
+        self._data[start : start + first] = message[:first]
+        self._data[: len(message) - first] = message[first:]
+        self._counters[_TAIL] = tail + need  # publish
         return True
 
     # -- consumer --------------------------------------------------------------------
     def read_messages(self) -> Iterator[bytes]:
-        """Every complete message published so far, in order."""
+        """Every message published so far, in order."""
         head, tail = self._counters[_HEAD], self._counters[_TAIL]
         while head < tail:
             pos = head % self.capacity
-            length, flags = _FRAME.unpack_from(self._data, pos)
-            if length == _PAD:
-                head += self.capacity - pos
-                continue
-            start = pos + _FRAME.size
-            self._partial.append(bytes(self._data[start : start + length]))
-            head += _align8(_FRAME.size + length)
+            (length,) = _LENGTH.unpack_from(self._data, pos)
+            start = (pos + _LENGTH.size) % self.capacity
+            first = min(length, self.capacity - start)
+            message = bytes(self._data[start : start + first])
+            if first < length:
+                message += bytes(self._data[: length - first])
+            head += _align8(_LENGTH.size + length)
             self._counters[_HEAD] = head  # frees the space as we go
-            if not flags & _MORE:
-                message = b"".join(self._partial)
-                self._partial.clear()
-                yield message
-        self._counters[_HEAD] = head
+            yield message
 
     def close(self) -> None:
         self._counters.release()
@@ -132,41 +126,49 @@ class Ring:
 class Doorbell:
     """A pipe used as a wake-up signal: ring after publishing, wait when idle.
 
-    Both ends are multiprocessing Connections, so they pass to a spawned
-    process as arguments. Ringing writes one byte and never blocks (a full
-    pipe already means "wake up"); waiting drains every pending byte.
+    Built from raw file descriptors so a spawned process can inherit one end
+    (`pass_fds`). Ringing writes one byte and never blocks (a full pipe
+    already means "wake up"); waiting drains every pending byte. An end this
+    process does not use is -1.
     """
 
-    def __init__(self, reader: Connection, writer: Connection) -> None:
-        self.reader, self.writer = reader, writer
-        # Non-blocking at the open-file level, which spawned processes share: a ring
-        # never blocks on a full pipe and a drain stops when the pipe is empty.
-        os.set_blocking(reader.fileno(), False)
-        os.set_blocking(writer.fileno(), False)
+    def __init__(self, read_fd: int = -1, write_fd: int = -1) -> None:
+        self.read_fd, self.write_fd = read_fd, write_fd
+        for fd in (read_fd, write_fd):
+            if fd >= 0:
+                os.set_blocking(fd, False)
 
     @classmethod
     def create(cls) -> Doorbell:
-        reader, writer = multiprocessing.Pipe(duplex=False)
-        return cls(reader, writer)
+        read_fd, write_fd = os.pipe()
+        return cls(read_fd, write_fd)
 
     def ring(self) -> None:
         with contextlib.suppress(BlockingIOError, BrokenPipeError):
-            os.write(self.writer.fileno(), b"\x01")
+            os.write(self.write_fd, b"\x01")
 
     def wait(self, timeout: float | None) -> bool:
-        """Block until rung (or timeout); True if it was rung."""
-        if not self.reader.poll(timeout):
+        """Block until rung (or `timeout` seconds); True if it was rung."""
+        readable, _, _ = select.select([self.read_fd], [], [], timeout)
+        if not readable:
             return False
         self.drain()
         return True
 
     def drain(self) -> None:
         with contextlib.suppress(BlockingIOError):
-            while os.read(self.reader.fileno(), 4096):
+            while os.read(self.read_fd, 4096):
                 pass
 
     def fileno(self) -> int:
-        return self.reader.fileno()
+        return self.read_fd
+
+    def close(self) -> None:
+        for fd in (self.read_fd, self.write_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.read_fd = self.write_fd = -1
 
 
 def segment_name(worker: int, direction: str) -> str:

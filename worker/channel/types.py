@@ -1,0 +1,109 @@
+"""Plain types both processes share: priority, finish reason, sampling parameters, engine knobs.
+
+Standard library only. Nothing here is numbered after a wire enum: the gRPC
+servicer maps these to protobuf at the edge.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class Priority(enum.IntEnum):
+    """Scheduling class; a lower value is served first."""
+
+    HIGH = 0
+    NORMAL = 1
+    LOW = 2
+
+
+class FinishReason(enum.IntEnum):
+    NONE = 0  # still running
+    LENGTH = 1  # max_new_tokens, or the context limit
+    STOP = 2  # a stop token id or a stop string
+    EOS = 3  # the model's end-of-sequence token
+    CANCELLED = 4  # by the client, a deadline, a drain or the server
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request's tokens are chosen and when it ends (checked by server/validation.py).
+
+    The wire codec (worker/channel/messages.py) is derived from these fields:
+    a new parameter needs no change there.
+    """
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off; keep tokens with p >= min_p * p(most likely)
+    seed: int = 0  # uint64; token i's random draw is a pure function of (seed, i)
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """One worker's engine knobs, validated once at start (ValueError names the field)."""
+
+    max_batch_size: int = 32  # running sequences (slots)
+    max_seq_len: int = 0  # prompt + completion; 0 = the model's context
+    kv_cache_mb: float = 256.0  # KV pool budget per worker, MiB
+    block_size: int = 16  # tokens per KV block
+    prefill_token_budget: int = 512  # prompt tokens per step, besides the decodes
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "kv_cache_mb", "block_size", "prefill_token_budget"):
+            value = getattr(self, name)
+            if not value > 0:  # also rejects NaN
+                raise ValueError(f"{name} must be > 0 (got {value})")
+        if self.max_seq_len and self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2 or 0 (got {self.max_seq_len})")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)} (got {self.device!r})")
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """One new token of one request, or the end of a request that produced none.
+
+    `handle` names the request inside the worker and on the channel; `index` is
+    the token's position in the completion. `token_id` is -1 on a record that
+    carries only a finish (a cancellation). `finish_reason` is set on the last.
+    """
+
+    handle: int
+    token_id: int
+    index: int
+    finish_reason: FinishReason = FinishReason.NONE
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    """What the front tells a worker process it spawns (`python -m worker.process JSON`)."""
+
+    index: int
+    model_dir: str
+    engine: EngineConfig
+    inbox: str  # shared-memory segment names
+    outbox: str
+    inbox_bell_fd: int  # inherited pipe ends: read the inbox doorbell, ring the outbox one
+    outbox_bell_fd: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerArgs:
+        values = json.loads(text)
+        return cls(**{**values, "engine": EngineConfig(**values["engine"])})
