@@ -64,6 +64,7 @@ def _request_options() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=0.0, help="0 or 1 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], metavar="S", help="repeatable")
     p.add_argument("--stop-token-ids", type=int_list, default=[], metavar="1,2")
@@ -153,6 +154,7 @@ def request_params(args: argparse.Namespace) -> dict[str, Any]:
         "temperature",
         "top_k",
         "top_p",
+        "min_p",
         "seed",
         "stop",
         "stop_token_ids",

@@ -90,7 +90,8 @@ def stats_table(stats: Stats) -> str:
         )
 
     rows = [row(str(w.worker), w) for w in stats.workers]
-    return "\n".join([header, *rows, row("total", stats.total)])
+    pending = f"pending queue (not yet on a worker): {stats.pending_queue_length}"
+    return "\n".join([header, *rows, row("total", stats.total), pending])
 
 
 def cmd_stats(client: ShoalClient, args: argparse.Namespace) -> int:

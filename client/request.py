@@ -27,6 +27,7 @@ class RequestParams(TypedDict, total=False):
     temperature: float
     top_k: int
     top_p: float
+    min_p: float
     seed: int | None
     stop: Iterable[str]
     stop_token_ids: Iterable[int]
@@ -59,6 +60,7 @@ def build_request(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 0.0,
+    min_p: float = 0.0,
     seed: int | None = None,
     stop: Iterable[str] = (),
     stop_token_ids: Iterable[int] = (),
@@ -76,6 +78,7 @@ def build_request(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
+        min_p=min_p,
         stop=list(stop),
         stop_token_ids=list(stop_token_ids),
         ignore_eos=ignore_eos,

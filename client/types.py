@@ -69,7 +69,8 @@ class WorkerStats:
 @dataclass(frozen=True, slots=True)
 class Stats:
     workers: tuple[WorkerStats, ...]
-    total: WorkerStats
+    total: WorkerStats  # queue_length: requests waiting inside the workers (sum of the rows)
+    pending_queue_length: int = 0  # requests in the server's queue, not yet on a worker
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -137,6 +138,7 @@ def stats_from_pb(msg: pb.Stats) -> Stats:
     return Stats(
         workers=tuple(worker_stats_from_pb(w) for w in msg.workers),
         total=worker_stats_from_pb(msg.total),
+        pending_queue_length=msg.pending_queue_length,
     )
 
 

@@ -2,8 +2,10 @@
 
     .venv/bin/python scripts/bench_serving.py [--requests 200] [--quick] [--model DIR]
 
-1. Engine: `run_to_completion` on a BatchProcessor in this process.
-2. Server: `python -m server` with one worker and the same engine settings, driven
+1. Engine: `run_to_completion` on a BatchProcessor in this process (no front).
+2. Offline: `python -m worker.batch` on the same requests as JSONL: the front's
+   pipeline (validation, queue, detokenizer) over the engine in-process.
+3. Server: `python -m server` with one worker and the same engine settings, driven
    at rate inf by the load generator (`client.bench`) with exactly the same prompts
    and output lengths.
 Then the lone-request TTFT of a short prompt both ways. Prints tables with the
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +39,26 @@ from worker.model_config import load_model_config
 from worker.random_checkpoint import default_cache_dir, write_checkpoint
 
 LONE_PROMPT = list(range(1, 17))
+
+
+def offline_run(model: Path, engine: EngineConfig, plan: BenchPlan, vocab: int, tmp: Path) -> dict:
+    """`python -m worker.batch` on the plan's requests; wall time from its own report."""
+    records, prompts = make_records(plan, vocab)
+    src, out = tmp / "in.jsonl", tmp / "out.jsonl"
+    lines = [
+        {"prompt_token_ids": p, "max_new_tokens": r.max_new_tokens, "ignore_eos": True}
+        for r, p in zip(records, prompts, strict=True)
+    ]
+    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = ["--model", str(model), "--input", str(src), "--output", str(out), "--device", "cpu"]
+    args += ["--max-batch-size", str(engine.max_batch_size)]
+    args += ["--kv-cache-mb", str(engine.kv_cache_mb)]
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.batch", *args], capture_output=True, text=True, check=True
+    )
+    wall = float(done.stderr.rsplit(" requests in ", 1)[1].split(" s,")[0])
+    tokens = sum(len(json.loads(line)["token_ids"]) for line in out.read_text().splitlines())
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall}
 
 
 def engine_run(model: Path, engine: EngineConfig, plan: BenchPlan, vocab: int) -> dict:
@@ -96,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="the server's batching window (0: measure the transport alone)",
     )
+    ap.add_argument("--prompt-len", default="16:512", help="LOW:HIGH prompt tokens")
+    ap.add_argument("--output-len", default="16:256", help="LOW:HIGH new tokens")
     ap.add_argument("--quick", action="store_true", help="small model and workload (smoke test)")
     args = ap.parse_args(argv)
     preset = "default" if args.quick else "smollm2-135m"
@@ -104,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = BenchPlan(
         requests=requests,
         rate=float("inf"),
-        prompt_len=LengthDist(16, 64 if args.quick else 512),
-        output_len=LengthDist(8 if args.quick else 16, 32 if args.quick else 256),
+        prompt_len=LengthDist.parse("16:64" if args.quick else args.prompt_len),
+        output_len=LengthDist.parse("8:32" if args.quick else args.output_len),
         seed=0,
     )
     engine = EngineConfig(
@@ -123,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
 
-    local = engine_run(model, engine, plan, load_model_config(model).vocab_size)
+    vocab = load_model_config(model).vocab_size
+    local = engine_run(model, engine, plan, vocab)
     with tempfile.TemporaryDirectory() as tmp:
+        offline = offline_run(model, engine, plan, vocab, Path(tmp))
         server = start_server(
             model,
             Path(tmp) / "server.log",
@@ -143,14 +171,22 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
 
     ratio = served["tok_s"] / local["tok_s"]
+    offline_ratio = served["tok_s"] / offline["tok_s"]
     extra_ttft = served["ttft_ms"] - local["ttft_ms"]
     rows = [
         (
-            "engine (worker.batch path, in process)",
+            "engine (bare BatchProcessor, no front)",
             local["tokens"],
             f"{local['wall_s']:.1f}",
             f"{local['tok_s']:.1f}",
             f"{local['ttft_ms']:.1f}",
+        ),
+        (
+            "offline (python -m worker.batch: front pipeline in process)",
+            offline["tokens"],
+            f"{offline['wall_s']:.1f}",
+            f"{offline['tok_s']:.1f}",
+            "-",
         ),
         (
             "server (gRPC + shared memory, 1 worker)",
@@ -173,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
                 "server tok/s / engine tok/s >= 0.9",
                 f"{ratio:.3f}",
                 "PASS" if ratio >= 0.9 else "MISS",
+            ),
+            (
+                "server tok/s / offline tok/s >= 0.9",
+                f"{offline_ratio:.3f}",
+                "PASS" if offline_ratio >= 0.9 else "MISS",
             ),
             (
                 "TTFT server - engine <= 5 ms",

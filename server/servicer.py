@@ -1,8 +1,8 @@
 """The gRPC edge: protobuf in, plain values to the Frontend, protobuf out, status codes.
 
 Only this module (and server/app.py, which registers it) touches protobuf
-messages: requests become `RequestFields`, finish reasons and priorities map
-to the wire enums here.
+messages: requests become `RequestFields` (field by field, by name), and
+finish reasons map to the wire enum here.
 """
 
 from __future__ import annotations

@@ -159,6 +159,10 @@ _JSON_TYPES: dict[str, tuple[Any, str]] = {
 }
 
 
+# Every field needs a JSON check: fail at import, not on some user's line.
+assert {str(f.type) for f in fields(RequestFields)} <= set(_JSON_TYPES), "RequestFields type"
+
+
 def _json_type_ok(annotation: str, value: Any) -> bool:
     return bool(_JSON_TYPES[annotation][0](value))
 

@@ -10,7 +10,7 @@ Determinism: the random draw for token i of a request is a uniform number from
 NumPy's counter-based Philox generator keyed by the request's seed with
 counter i. The token then follows by inverse-CDF over the filtered
 distribution, so it depends only on (seed, i, logits): never on the batch it
-ran in, nor on where the request ran before a preemption or failover.
+ran in, nor on whether it was preempted or resumed with `generated` tokens.
 """
 
 from __future__ import annotations
