@@ -104,7 +104,8 @@ def validate(request: RequestFields, limits: Limits, tokenizer: TextEncoder) -> 
     if len(prompt_ids) + max_new > limits.max_context:
         raise InvalidRequest(
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}) must fit the "
-            f"model context of {limits.max_context} tokens"
+            f"context of {limits.max_context} tokens (max_context: the model's context or "
+            "one worker's KV cache, whichever is smaller)"
         )
     params = SamplingParams(
         max_new_tokens=max_new,

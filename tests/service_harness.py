@@ -1,15 +1,25 @@
-"""Start a real `python -m server` on loopback for a test, and stop it with SIGTERM."""
+"""Helpers shared by the tests and the benchmark scripts (scripts/bench_serving.py,
+scripts/bench_sweep.py put tests/ on sys.path to import this module).
+
+- `wait_for` / `wait_for_async`: the one polling loop (a condition, a timeout, a message);
+- `start_server` / `RunningServer`: a real `python -m server` on loopback, stopped with SIGTERM;
+- `ServerGroup`: servers a test (or a test module) started, stopped and checked at teardown
+  (the conftest.py fixtures `servers` and `module_servers` hand one out).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,6 +27,55 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shoal.v1 import inference_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parents[1]
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+T = TypeVar("T")
+
+
+def _describe(message: str | Callable[[], str]) -> str:
+    return message() if callable(message) else message
+
+
+def wait_for(
+    condition: Callable[[], T],
+    timeout: float = 10,
+    message: str | Callable[[], str] = "condition",
+    interval: float = 0.02,
+) -> T:
+    """Call `condition` until it returns something truthy, and return that.
+
+    TimeoutError (naming `message`, which may be a callable for details known only
+    at the end) if it has not within `timeout` seconds. The condition is always
+    tried once more at the deadline, so a slow machine only costs time. An
+    exception from `condition` ends the wait at once.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        late = time.monotonic() >= deadline
+        result = condition()
+        if result:
+            return result
+        if late:
+            raise TimeoutError(f"not within {timeout} s: {_describe(message)}")
+        time.sleep(interval)
+
+
+async def wait_for_async(
+    condition: Callable[[], T],
+    timeout: float = 10,
+    message: str | Callable[[], str] = "condition",
+    interval: float = 0.01,
+) -> T:
+    """`wait_for` for code on an event loop: sleeps with asyncio so the loop keeps running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        late = time.monotonic() >= deadline
+        result = condition()
+        if result:
+            return result
+        if late:
+            raise TimeoutError(f"not within {timeout} s: {_describe(message)}")
+        await asyncio.sleep(interval)
 
 
 def free_port() -> int:
@@ -72,15 +131,50 @@ def start_server(model: Path, log: Path, *flags: str, timeout: float = 90) -> Ru
     with log.open("w") as out:
         process = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
     server = RunningServer(process, f"127.0.0.1:{port}", log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def serving() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
         try:
-            if server.health() == health_pb2.HealthCheckResponse.SERVING:
-                return server
+            return server.health() == SERVING
         except grpc.RpcError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise TimeoutError(f"server did not become healthy:\n{log.read_text()}")
+            return False
+
+    try:
+        wait_for(serving, timeout, lambda: f"server is healthy:\n{log.read_text()}", interval=0.2)
+    except TimeoutError:
+        server.stop()
+        raise
+    return server
+
+
+class ServerGroup:
+    """Servers started on one model; `stop_all` stops each and checks it exited cleanly
+    (exit status 0, no shared-memory segment left behind)."""
+
+    def __init__(self, model: Path, directory: Path) -> None:
+        self.model = model
+        self.directory = directory
+        self.started: list[RunningServer] = []
+
+    def start(
+        self, *flags: str, log: str = "server.log", model: Path | None = None
+    ) -> RunningServer:
+        server = start_server(model or self.model, self.directory / log, *flags)
+        self.started.append(server)
+        return server
+
+    def stop_all(self) -> None:
+        faults = []
+        for server in self.started:
+            try:
+                code = server.stop()
+            except Exception as error:  # e.g. it ignored SIGTERM: killed, and go on
+                faults.append(f"{server.log.name}: {error!r}\n{server.log.read_text()}")
+                continue
+            if code != 0:
+                faults.append(f"{server.log.name}: exit status {code}\n{server.log.read_text()}")
+            elif server.segments():
+                faults.append(f"{server.log.name}: segments left {server.segments()}")
+        self.started.clear()
+        assert not faults, "\n".join(faults)

@@ -42,7 +42,7 @@ def run_batch(
 
 
 def test_every_line_is_answered_in_order(
-    default_model: Path, tmp_path: Path, make_processor
+    default_model: Path, tmp_path: Path, make_processor, model_tokenizer: Tokenizer
 ) -> None:
     proc, records = run_batch(default_model, tmp_path, LINES)
     assert proc.returncode == 1, proc.stderr  # some lines were rejected
@@ -70,7 +70,7 @@ def test_every_line_is_answered_in_order(
     assert "priority must be HIGH, NORMAL or LOW (got 'URGENT')" in errors["line-10"]
     assert "requests" in proc.stderr and "tok/s" in proc.stderr  # the progress bar
 
-    tokenizer = Tokenizer.from_file(str(default_model / "tokenizer.json"))
+    tokenizer = model_tokenizer
     text = records[0]
     assert text["finish_reason"] == "LENGTH" and len(text["token_ids"]) == 12
     assert text["usage"] == {

@@ -66,5 +66,11 @@ def test_bench_engine_quick_prints_every_table(default_model: Path, tmp_path: Pa
     data = json.loads(out.read_text())
     assert [row["batch"] for row in data["decode"]] == [1, 2, 32]
     assert data["batching"]["requests"] == 8 and data["batching"]["tokens"] > 0
-    assert [t["result"] in ("PASS", "MISS") for t in data["targets"]] == [True] * 3
+    # Which way a target goes depends on the machine; that the verdict follows from the
+    # measured and required values does not (ties within the printed rounding are skipped).
+    assert len(data["targets"]) == 3
+    for target in data["targets"]:
+        measured, goal = float(target["measured"]), float(target["required"].removeprefix(">= "))
+        if abs(measured - goal) > 0.005:
+            assert target["result"] == ("PASS" if measured >= goal else "MISS"), target
     assert data["ceilings"]["copy_gbps"] > 0 and data["ceilings"]["matmul_gflops"] > 0

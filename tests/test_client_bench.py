@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from service_harness import REPO, start_server
+from service_harness import REPO, ServerGroup
 
 from client.bench import BenchPlan, LengthDist, arrival_schedule, percentiles
 
@@ -40,42 +40,38 @@ def test_percentiles_use_nearest_rank() -> None:
     assert percentiles(values) == {"mean": 50.5, "p50": 50.0, "p90": 90.0, "p99": 99.0}
 
 
-def test_bench_cli_records_every_request(default_model: Path, tmp_path: Path) -> None:
-    server = start_server(
-        default_model, tmp_path / "server.log", "--workers", "1", "--max-batch-size", "8"
+def test_bench_cli_records_every_request(servers: ServerGroup, tmp_path: Path) -> None:
+    # `servers` stops it at teardown: exit status 0, no segments left.
+    server = servers.start("--workers", "1", "--max-batch-size", "8")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "client",
+            "--target",
+            server.target,
+            "bench",
+            "--requests",
+            "12",
+            "--rate",
+            "50",
+            "--concurrency",
+            "6",
+            "--prompt-len",
+            "4:16",
+            "--output-len",
+            "3:9",
+            "--seed",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    try:
-        out = tmp_path / "bench.json"
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "client",
-                "--target",
-                server.target,
-                "bench",
-                "--requests",
-                "12",
-                "--rate",
-                "50",
-                "--concurrency",
-                "6",
-                "--prompt-len",
-                "4:16",
-                "--output-len",
-                "3:9",
-                "--seed",
-                "1",
-                "--json",
-                str(out),
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    finally:
-        assert server.stop() == 0
     assert proc.returncode == 0, proc.stderr
     for heading in (
         "request throughput",

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from service_harness import REPO, RunningServer, free_port, start_server
+from service_harness import REPO, RunningServer, ServerGroup, free_port, wait_for
 from tokenizers import Tokenizer
 
 from client import AsyncShoalClient, Chunk, Completion, ShoalClient, ShoalError
@@ -34,12 +33,9 @@ LONG = 2000  # max_new_tokens of a request that is still running when the test a
 
 
 @pytest.fixture(scope="module")
-def server(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    log = tmp_path_factory.mktemp("client-e2e") / "server.log"
-    running = start_server(default_model, log, *FLAGS)
-    yield running
-    assert running.stop() == 0, log.read_text()
-    assert running.segments() == []
+def server(module_servers: ServerGroup) -> RunningServer:
+    # module_servers stops it after the module and checks exit status 0 and no segments left.
+    return module_servers.start(*FLAGS)
 
 
 @pytest.fixture
@@ -64,25 +60,18 @@ def check_chunk_sequence(chunks: list[Chunk], start: int = 0) -> None:
     assert len({c.request_id for c in chunks}) == 1 and chunks[0].request_id
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def idle(client: ShoalClient) -> bool:
-    total = client.stats().total
-    return total.active_sequences == 0 and total.kv_blocks_used == 0 and total.queue_length == 0
+    stats = client.stats()
+    total = stats.total
+    busy = total.active_sequences or total.kv_blocks_used or total.queue_length
+    return not busy and stats.pending_queue_length == 0
 
 
 # --- sync client ------------------------------------------------------------------------
 
 
 def test_generate_streams_the_tokens_of_the_in_process_engine(
-    shoal: ShoalClient, default_model: Path, make_processor: Callable
+    shoal: ShoalClient, model_tokenizer: Tokenizer, make_processor: Callable
 ) -> None:
     prompt = [7, 8, 9, 10, 11]
     chunks = list(shoal.generate(prompt_token_ids=prompt, max_new_tokens=12, ignore_eos=True))
@@ -96,8 +85,7 @@ def test_generate_streams_the_tokens_of_the_in_process_engine(
         make_processor(), [Request("r", prompt, SamplingParams(max_new_tokens=12, ignore_eos=True))]
     )
     assert tokens == local["r"].token_ids
-    tokenizer = Tokenizer.from_file(str(default_model / "tokenizer.json"))
-    assert text == tokenizer.decode(tokens)
+    assert text == model_tokenizer.decode(tokens)
 
     done = shoal.generate_text(prompt_token_ids=prompt, max_new_tokens=12, ignore_eos=True)
     assert isinstance(done, Completion) and done.request_id and done.request_id != last.request_id
@@ -130,11 +118,11 @@ def test_cancel_and_leaving_a_stream_early_free_the_slot(shoal: ShoalClient) -> 
     request_id = shoal.submit(prompt_token_ids=[3, 4], max_new_tokens=LONG, ignore_eos=True)
     stream = shoal.stream(request_id)
     next(stream)  # it is running
-    assert wait_until(lambda: shoal.stats().total.active_sequences == 1)  # stats lag a little
+    wait_for(lambda: shoal.stats().total.active_sequences == 1, message="running")  # stats lag
     assert shoal.cancel(request_id) is True
     rest = list(stream)
     assert rest[-1].finish_reason == "CANCELLED" and rest[-1].usage is not None
-    assert wait_until(lambda: idle(shoal))
+    wait_for(lambda: idle(shoal), message="idle after the cancel")
     assert shoal.cancel(request_id) is False  # already finished
     with pytest.raises(ShoalError) as err:
         shoal.cancel("no-such-request")
@@ -143,9 +131,9 @@ def test_cancel_and_leaving_a_stream_early_free_the_slot(shoal: ShoalClient) -> 
     generation = shoal.generate(prompt_token_ids=[5], max_new_tokens=LONG, ignore_eos=True)
     first = next(generation)
     assert first.index == 0
-    assert wait_until(lambda: shoal.stats().total.active_sequences == 1)
+    wait_for(lambda: shoal.stats().total.active_sequences == 1, message="running")
     generation.close()  # leaving early cancels the call, and the server aborts the request
-    assert wait_until(lambda: idle(shoal))
+    wait_for(lambda: idle(shoal), message="idle after leaving the stream")
     assert list(shoal.stream(first.request_id))[-1].finish_reason == "CANCELLED"
 
 
@@ -161,7 +149,7 @@ def test_stats_and_model_info(shoal: ShoalClient) -> None:
     assert info.max_new_tokens_limit == 4096
     before = shoal.stats().total.total_tokens
     shoal.generate_text(prompt_token_ids=[1], max_new_tokens=6, ignore_eos=True)
-    assert wait_until(lambda: shoal.stats().total.total_tokens == before + 6)
+    wait_for(lambda: shoal.stats().total.total_tokens == before + 6, message="6 more tokens")
     stats = shoal.stats()
     assert [w.worker for w in stats.workers] == [0] and stats.workers[0].alive
     assert stats.total.worker == -1 and stats.total.alive
@@ -204,7 +192,7 @@ def test_failed_calls_raise_shoal_error_with_the_server_status(
     assert err.code is grpc.StatusCode.DEADLINE_EXCEEDED
     # The deadline aborted the request on the server, long before it could have finished.
     assert list(shoal.stream("e2e-late"))[-1].finish_reason == "CANCELLED"
-    assert wait_until(lambda: idle(shoal))
+    wait_for(lambda: idle(shoal), message="idle after the deadline")
 
     nowhere = f"127.0.0.1:{free_port()}"
     with ShoalClient(nowhere, timeout=5) as down:
@@ -297,7 +285,7 @@ def test_async_client(server: RunningServer, shoal: ShoalClient) -> None:
             assert err.value.code is grpc.StatusCode.UNAVAILABLE
 
     asyncio.run(asyncio.wait_for(calls(), 60))
-    assert wait_until(lambda: idle(shoal))  # and freed their slots and KV blocks
+    wait_for(lambda: idle(shoal), message="the aborted requests freed their slots and KV")
 
 
 class Counting:
@@ -355,47 +343,45 @@ def test_run_batch_keeps_input_order_and_the_concurrency_limit(
 # --- auth ------------------------------------------------------------------------------
 
 
-def test_auth_token(default_model: Path, tmp_path: Path) -> None:
-    locked = start_server(default_model, tmp_path / "auth.log", *FLAGS, "--auth-token", "secret")
-    try:
-        for token in (None, "wrong", "secret "):
-            with ShoalClient(locked.target, auth_token=token, timeout=TIMEOUT) as client:
-                for call in (
-                    client.stats,
-                    client.model_info,
-                    lambda: client.generate_text("hi", max_new_tokens=2),
-                    lambda: client.submit("hi", max_new_tokens=2),
-                    lambda: list(client.stream("any")),
-                    lambda: client.cancel("any"),
-                ):
-                    with pytest.raises(ShoalError) as err:
-                        call()
-                    assert err.value.code is grpc.StatusCode.UNAUTHENTICATED, token
-                    assert "secret" not in err.value.details
-        with ShoalClient(locked.target, auth_token="secret", timeout=TIMEOUT) as client:
-            done = client.generate_text("hi", max_new_tokens=3, ignore_eos=True)
-            assert len(done.token_ids) == 3
-            request_id = client.submit("hi", max_new_tokens=3, ignore_eos=True)
-            assert len(joined(list(client.stream(request_id)))[0]) == 3
-            assert client.stats().total.total_tokens >= 3
-
-        async def aio() -> None:
-            async with AsyncShoalClient(locked.target, auth_token="secret", timeout=10) as ok:
-                assert (await ok.model_info()).architecture == "llama"
-            async with AsyncShoalClient(locked.target, auth_token="nope", timeout=10) as bad:
+def test_auth_token(servers: ServerGroup) -> None:
+    # `servers` stops it at teardown: exit status 0, no segments left.
+    locked = servers.start(*FLAGS, "--auth-token", "secret", log="auth.log")
+    for token in (None, "wrong", "secret "):
+        with ShoalClient(locked.target, auth_token=token, timeout=TIMEOUT) as client:
+            for call in (
+                client.stats,
+                client.model_info,
+                lambda: client.generate_text("hi", max_new_tokens=2),
+                lambda: client.submit("hi", max_new_tokens=2),
+                lambda: list(client.stream("any")),
+                lambda: client.cancel("any"),
+            ):
                 with pytest.raises(ShoalError) as err:
-                    await bad.generate_text("hi", max_new_tokens=2)
-                assert err.value.code is grpc.StatusCode.UNAUTHENTICATED
+                    call()
+                assert err.value.code is grpc.StatusCode.UNAUTHENTICATED, token
+                assert "secret" not in err.value.details
+    with ShoalClient(locked.target, auth_token="secret", timeout=TIMEOUT) as client:
+        done = client.generate_text("hi", max_new_tokens=3, ignore_eos=True)
+        assert len(done.token_ids) == 3
+        request_id = client.submit("hi", max_new_tokens=3, ignore_eos=True)
+        assert len(joined(list(client.stream(request_id)))[0]) == 3
+        assert client.stats().total.total_tokens >= 3
 
-        asyncio.run(asyncio.wait_for(aio(), 30))
+    async def aio() -> None:
+        async with AsyncShoalClient(locked.target, auth_token="secret", timeout=10) as ok:
+            assert (await ok.model_info()).architecture == "llama"
+        async with AsyncShoalClient(locked.target, auth_token="nope", timeout=10) as bad:
+            with pytest.raises(ShoalError) as err:
+                await bad.generate_text("hi", max_new_tokens=2)
+            assert err.value.code is grpc.StatusCode.UNAUTHENTICATED
 
-        refused = cli("--target", locked.target, "stats", check=False)
-        assert refused.returncode == 1 and refused.stderr.startswith("error: UNAUTHENTICATED:")
-        assert "total" in cli("--target", locked.target, "--auth-token", "secret", "stats").stdout
-        info = cli("info", "--json", "--target", locked.target, env={"SHOAL_AUTH_TOKEN": "secret"})
-        assert json.loads(info.stdout)["vocab_size"] == 512
-    finally:
-        assert locked.stop() == 0, locked.log.read_text()
+    asyncio.run(asyncio.wait_for(aio(), 30))
+
+    refused = cli("--target", locked.target, "stats", check=False)
+    assert refused.returncode == 1 and refused.stderr.startswith("error: UNAUTHENTICATED:")
+    assert "total" in cli("--target", locked.target, "--auth-token", "secret", "stats").stdout
+    info = cli("info", "--json", "--target", locked.target, env={"SHOAL_AUTH_TOKEN": "secret"})
+    assert json.loads(info.stdout)["vocab_size"] == 512
 
 
 # --- the CLI as a subprocess ------------------------------------------------------------------
@@ -440,7 +426,8 @@ def test_cli_generate_info_and_stats(server: RunningServer, shoal: ShoalClient) 
     assert json.loads(cli(*target, "info", "--json").stdout)["max_context"] == 2048
 
     table = cli(*target, "stats").stdout.splitlines()
-    assert table[0].split()[0] == "worker" and [r.split()[0] for r in table[1:]] == ["0", "total"]
+    assert table[0].split()[0] == "worker" and [r.split()[0] for r in table[1:-1]] == ["0", "total"]
+    assert table[-1].startswith("pending queue (not yet on a worker): ")
     stats = json.loads(cli(*target, "stats", "--json").stdout)
     assert stats["workers"][0]["alive"] and stats["total"]["total_tokens"] > 0
 
@@ -478,7 +465,7 @@ def test_cli_submit_stream_and_cancel(server: RunningServer, shoal: ShoalClient)
         missing = cli(*target, command, "cli-missing", check=False)
         assert missing.returncode == 1 and missing.stdout == ""
         assert missing.stderr.startswith("error: NOT_FOUND:") and "cli-missing" in missing.stderr
-    assert wait_until(lambda: idle(shoal))
+    wait_for(lambda: idle(shoal), message="idle after the CLI cancel")
 
 
 BATCH_LINES: list[Any] = [
@@ -556,14 +543,12 @@ def test_cli_batch_matches_the_offline_batch_runner(
 # --- several servers, balanced round_robin by the client ----------------------------------
 
 
-def test_round_robin_over_two_servers_survives_one_stopping(
-    default_model: Path, tmp_path: Path
-) -> None:
+def test_round_robin_over_two_servers_survives_one_stopping(servers: ServerGroup) -> None:
+    # `servers` stops both at teardown (stop() only waits for one that has already gone) and
+    # checks that each exited with status 0 and left no shared-memory segment behind.
+    first = servers.start(*FLAGS, log="first.log")
+    second = servers.start(*FLAGS, log="second.log")
     with contextlib.ExitStack() as stack:
-        first = start_server(default_model, tmp_path / "first.log", *FLAGS)
-        stack.callback(first.stop)  # stop() only waits for a server that has already gone
-        second = start_server(default_model, tmp_path / "second.log", *FLAGS)
-        stack.callback(second.stop)
         a = stack.enter_context(ShoalClient(first.target, timeout=10))
         b = stack.enter_context(ShoalClient(second.target, timeout=10))
         both = stack.enter_context(ShoalClient([first.target, second.target], timeout=10))
@@ -576,7 +561,7 @@ def test_round_robin_over_two_servers_survives_one_stopping(
         both.wait_ready(10)
         results = {both.generate_text(**request).token_ids for _ in range(100)}
         assert len(results) == 1  # the same model behind both: the same greedy tokens
-        assert wait_until(lambda: sum(tokens()) == 400)
+        wait_for(lambda: sum(tokens()) == 400, message=lambda: f"400 tokens, got {tokens()}")
         on_first, on_second = tokens()
         assert on_first >= 100 and on_second >= 100, (on_first, on_second)  # >= 25 requests each
 
@@ -584,7 +569,7 @@ def test_round_robin_over_two_servers_survives_one_stopping(
         busy = b.generate(prompt_token_ids=[1], max_new_tokens=LONG, ignore_eos=True)
         busy_id = next(busy).request_id
         second.process.send_signal(signal.SIGTERM)
-        assert wait_until(lambda: second.health() == NOT_SERVING)
+        wait_for(lambda: second.health() == NOT_SERVING, message="second is NOT_SERVING")
         with pytest.raises(ShoalError) as err:  # new requests are turned away
             b.submit(**request)
         assert err.value.code is grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details
@@ -598,11 +583,11 @@ def test_round_robin_over_two_servers_survives_one_stopping(
 
         for _ in range(10):  # and after it has gone
             assert both.generate_text(**request).token_ids in results
-        assert wait_until(lambda: a.stats().total.total_tokens == on_first + 80)  # 10 + 10 requests
+        wait_for(  # 10 + 10 requests
+            lambda: a.stats().total.total_tokens == on_first + 80, message="80 more tokens on first"
+        )
 
         # A new client whose first target is down gets going on the other one.
         with ShoalClient([second.target, first.target], timeout=10) as late:
             for _ in range(5):
                 assert late.generate_text(**request).token_ids in results
-    assert first.process.returncode == 0, first.log.read_text()
-    assert first.segments() == []

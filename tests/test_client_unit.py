@@ -79,6 +79,7 @@ def test_request_fields_from_kwargs() -> None:
         temperature=0.5,
         top_k=3,
         top_p=0.9,
+        min_p=0.25,
         seed=0,
         stop="\n",
         stop_token_ids=[2],
@@ -89,6 +90,7 @@ def test_request_fields_from_kwargs() -> None:
     assert req.prompt == "hi" and req.HasField("prompt") and not req.prompt_token_ids
     assert (req.max_new_tokens, req.top_k, req.request_id) == (5, 3, "r1")
     assert req.temperature == pytest.approx(0.5) and req.top_p == pytest.approx(0.9)
+    assert req.min_p == 0.25
     assert req.HasField("seed") and req.seed == 0  # seed 0 is sent, not dropped
     assert list(req.stop) == ["\n"] and list(req.stop_token_ids) == [2] and req.ignore_eos
     assert req.priority == pb.PRIORITY_HIGH
@@ -148,11 +150,13 @@ def test_running_and_final_chunks() -> None:
 
 def test_stats_and_model_info_conversion() -> None:
     w = pb.WorkerStats(worker=0, active_sequences=2, total_tokens=10, utilization=0.25, alive=True)
-    stats = stats_from_pb(pb.Stats(workers=[w], total=pb.WorkerStats(worker=-1, total_tokens=10)))
+    total = pb.WorkerStats(worker=-1, total_tokens=10)
+    stats = stats_from_pb(pb.Stats(workers=[w], total=total, pending_queue_length=7))
     assert stats.workers[0].active_sequences == 2 and stats.total.worker == -1
-    assert stats.as_dict()["total"]["total_tokens"] == 10
+    assert stats.as_dict()["total"]["total_tokens"] == 10 and stats.pending_queue_length == 7
     table = stats_table(stats).splitlines()
-    assert len(table) == 3 and table[-1].split()[0] == "total" and "25.0%" in table[1]
+    assert len(table) == 4 and table[2].split()[0] == "total" and "25.0%" in table[1]
+    assert table[-1].endswith(": 7")
     info = model_info_from_pb(pb.ModelInfo(name="m", eos_token_ids=[2, 3], vocab_size=512))
     assert info.eos_token_ids == (2, 3) and info.as_dict()["vocab_size"] == 512
 

@@ -9,9 +9,9 @@ import pytest
 from tokenizers import Tokenizer, decoders, models
 
 from server.detokenizer import MAX_PENDING_TOKENS, IncrementalText, TextDelta
-from worker.toy_tokenizer import EOS_TOKEN_ID, build_tokenizer
+from worker.toy_tokenizer import EOS_TOKEN_ID
 
-VOCAB = 512
+VOCAB = 512  # the toy tokenizer's (conftest.py)
 TEXTS = (
     "The quick brown fox 🙂🚀 jumps!",
     "你好世界。今天天气很好，我们去公园散步吧。",
@@ -20,9 +20,10 @@ TEXTS = (
 )
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return build_tokenizer(VOCAB)
+@pytest.fixture
+def tokenizer(toy_tokenizer: Tokenizer) -> Tokenizer:
+    assert toy_tokenizer.get_vocab_size() == VOCAB
+    return toy_tokenizer
 
 
 def chunks(ids: list[int], rng: random.Random) -> list[list[int]]:

@@ -7,6 +7,7 @@ import asyncio
 import grpc
 import pytest
 from prometheus_client import generate_latest
+from service_harness import wait_for_async
 
 from server.metrics import FINISH_LABELS, Metrics
 from server.servicer import AuthInterceptor, MetricsInterceptor
@@ -115,10 +116,11 @@ async def _exercise(metrics: Metrics) -> None:
             call = stub.Generate(pb.GenerateRequest(prompt="long"), metadata=good)
             await call.read()
             call.cancel()
-            for _ in range(100):  # the server sees the cancellation a moment later
-                if value(metrics, "shoal_requests_total", rpc="Generate", code="CANCELLED"):
-                    break
-                await asyncio.sleep(0.02)
+            await wait_for_async(  # the server sees the cancellation a moment later
+                lambda: value(metrics, "shoal_requests_total", rpc="Generate", code="CANCELLED"),
+                2,
+                "the cancelled Generate counted",
+            )
     finally:
         await server.stop(0)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
 from server.pending_queue import PendingQueue, QueueFull
@@ -87,11 +89,25 @@ def test_remove_contains_and_duplicates() -> None:
 
 
 def test_removed_entries_do_not_accumulate() -> None:
+    # Removed entries wait behind a live head; they must be swept, not kept: the memory the
+    # queue holds stays flat however many requests come and go (kept, 20000 entries take MBs).
     queue = filled([("keep", LOW, 0)])
-    for i in range(1000):
-        queue.push(f"x{i}", "x", LOW, now=1)
-        queue.remove(f"x{i}")
-    assert len(queue) == 1 and len(queue._classes[LOW]) < 40
+
+    def churn(start: int, count: int) -> None:
+        for i in range(start, start + count):
+            queue.push(f"x{i}", "x", LOW, now=1)
+            queue.remove(f"x{i}")
+
+    tracemalloc.start()
+    try:
+        churn(0, 1000)
+        before, _ = tracemalloc.get_traced_memory()
+        churn(1000, 20000)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 200_000, f"{grown} bytes kept after 20000 removed requests"
+    assert len(queue) == 1 and queue.lengths_by_priority()[LOW] == 1
     assert queue.pop(now=2) == "keep"
 
 

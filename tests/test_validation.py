@@ -24,14 +24,13 @@ from server.validation import (
 from server.validation import validate as validate_fields
 from shoal.v1 import inference_pb2 as pb
 from worker.channel.types import Priority, SamplingParams
-from worker.toy_tokenizer import build_tokenizer
 
 LIMITS = Limits(vocab_size=512, max_context=100, max_new_tokens_limit=50)
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return build_tokenizer(512)
+@pytest.fixture
+def tokenizer(toy_tokenizer: Tokenizer) -> Tokenizer:
+    return toy_tokenizer
 
 
 def validate(request: pb.GenerateRequest, limits: Limits, tokenizer: Any) -> ValidatedRequest:

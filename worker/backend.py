@@ -81,9 +81,10 @@ def keep_freed_memory_mapped() -> bool:
 
 
 def select_backend(device: str = "auto") -> Backend:
-    """Resolve `auto|cpu|cuda` to a Backend; `cuda` without a device is an error."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be one of auto, cpu, cuda (got {device!r})")
+    """Resolve `auto|cpu|cuda` (checked by EngineConfig) to a Backend.
+
+    RuntimeError for `cuda` without a usable CUDA device.
+    """
     cupy = None if device == "cpu" else _cupy_with_device()
     if cupy is not None:
         return Backend(cupy, "cuda")

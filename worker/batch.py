@@ -85,18 +85,7 @@ async def collect(state: RequestState, progress: ProgressBar) -> dict[str, Any]:
     }
 
 
-async def run(args: argparse.Namespace) -> int:
-    lines = read_lines(args.input)
-    config = ServerConfig(
-        model=str(args.model),
-        device=args.device,
-        max_batch_size=args.max_batch_size,
-        kv_cache_mb=args.kv_cache_mb,
-        prefill_token_budget=args.prefill_token_budget,
-        max_queue_len=max(1, len(lines)),
-        retention_count=max(1, len(lines)),
-        batch_timeout_ms=0,
-    )
+async def run(args: argparse.Namespace, config: ServerConfig, lines: list[tuple[int, str]]) -> int:
     processor = BatchProcessor.from_model_dir(args.model, config.engine)
     front = Frontend(config, processor.tokenizer, InProcessEngine(EngineCore(processor)))
     front.start()
@@ -142,7 +131,23 @@ def _line_id(line: str, line_no: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return asyncio.run(run(parse_args(argv)))
+    args = parse_args(argv)
+    lines = read_lines(args.input)
+    try:
+        config = ServerConfig(
+            model=str(args.model),
+            device=args.device,
+            max_batch_size=args.max_batch_size,
+            kv_cache_mb=args.kv_cache_mb,
+            prefill_token_budget=args.prefill_token_budget,
+            max_queue_len=max(1, len(lines)),
+            retention_count=max(1, len(lines)),
+            batch_timeout_ms=0,
+        )
+    except ValueError as err:
+        print(f"python -m worker.batch: {err}", file=sys.stderr)
+        return 2
+    return asyncio.run(run(args, config, lines))
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ class Scheduler:
                 return
             self.waiting.pop(0)
             seq.block_table = self.allocator.allocate(self.blocks_needed(seq))
-            seq.num_computed = 0
+            seq.num_computed, seq.preempted = 0, False
             self.running.append(seq)
 
     def _reserve_slot(self, seq: Sequence) -> bool:
