@@ -111,9 +111,11 @@ class Frontend:
 
     def limits(self) -> Limits:
         assert self.model is not None
+        # An Add carries 4 bytes per token and must fit one ring (4 MiB: ~1M tokens).
+        ring_tokens = (self.config.ring_bytes - 1024) // 4
         return Limits(
             vocab_size=self.model.vocab_size,
-            max_context=self.model.max_context,
+            max_context=min(self.model.max_context, ring_tokens),
             max_new_tokens_limit=self.config.max_new_tokens_limit,
         )
 

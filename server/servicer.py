@@ -156,7 +156,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             name=model.model_name,
             architecture=model.architecture,
             vocab_size=model.vocab_size,
-            max_context=model.max_context,
+            max_context=self.frontend.limits().max_context,
             kv_capacity_tokens=model.kv_capacity_tokens,
             eos_token_ids=list(model.eos_token_ids),
             device=model.device,

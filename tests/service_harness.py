@@ -2,6 +2,7 @@
 scripts/bench_sweep.py put tests/ on sys.path to import this module).
 
 - `wait_for` / `wait_for_async`: the one polling loop (a condition, a timeout, a message);
+- `run_batch`: `python -m worker.batch` over JSONL lines, as a subprocess;
 - `start_server` / `RunningServer`: a real `python -m server` on loopback, stopped with SIGTERM;
 - `ServerGroup`: servers a test (or a test module) started, stopped and checked at teardown
   (the conftest.py fixtures `servers` and `module_servers` hand one out).
@@ -10,6 +11,7 @@ scripts/bench_sweep.py put tests/ on sys.path to import this module).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -64,18 +66,26 @@ async def wait_for_async(
     condition: Callable[[], T],
     timeout: float = 10,
     message: str | Callable[[], str] = "condition",
-    interval: float = 0.01,
 ) -> T:
-    """`wait_for` for code on an event loop: sleeps with asyncio so the loop keeps running."""
-    deadline = time.monotonic() + timeout
-    while True:
-        late = time.monotonic() >= deadline
-        result = condition()
-        if result:
-            return result
-        if late:
-            raise TimeoutError(f"not within {timeout} s: {_describe(message)}")
-        await asyncio.sleep(interval)
+    """`wait_for` for code on an event loop: the polling runs in a thread, the loop runs on."""
+    return await asyncio.to_thread(wait_for, condition, timeout, message)
+
+
+def run_batch(
+    model: Path, tmp_path: Path, lines: list, *flags: str
+) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """`python -m worker.batch` on JSONL `lines` (objects, or raw strings written as they are)."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    args = ["--model", str(model), "--input", str(src), "--output", str(out), "--device", "cpu"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.batch", *args, "--max-batch-size", "4", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    return proc, [json.loads(line) for line in out.read_text().splitlines()]
 
 
 def free_port() -> int:

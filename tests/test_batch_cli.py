@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
+from service_harness import run_batch
 from tokenizers import Tokenizer
 
 from worker.batch_processor import Request, run_to_completion
@@ -24,21 +22,6 @@ LINES = [
     {"request_id": "high", "prompt": "café 你好", "max_new_tokens": 6, "priority": "HIGH"},
     {"prompt": "x", "max_new_tokens": 2, "priority": "URGENT"},
 ]
-
-
-def run_batch(
-    model: Path, tmp_path: Path, lines: list
-) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    src.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
-    args = ["--model", str(model), "--input", str(src), "--output", str(out), "--device", "cpu"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "worker.batch", *args, "--max-batch-size", "4"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return proc, [json.loads(line) for line in out.read_text().splitlines()]
 
 
 def test_every_line_is_answered_in_order(

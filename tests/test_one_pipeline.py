@@ -7,14 +7,12 @@ a real batch subprocess and a real server over loopback.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from service_harness import REPO, start_server
+from service_harness import run_batch as batch_cli
+from service_harness import start_server
 
 from shoal.v1 import inference_pb2 as pb
 from worker.batch_processor import Request, run_to_completion
@@ -25,18 +23,9 @@ SEEDS = range(6)
 
 
 def run_batch(model: Path, tmp_path: Path, lines: list[dict]) -> list[dict]:
-    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    args = ["--model", str(model), "--input", str(src), "--output", str(out), "--device", "cpu"]
-    done = subprocess.run(
-        [sys.executable, "-m", "worker.batch", *args, "--max-batch-size", "4"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    done, records = batch_cli(model, tmp_path, lines)
     assert done.returncode == 0, done.stderr
-    return [json.loads(line) for line in out.read_text().splitlines()]
+    return records
 
 
 def serve(model: Path, tmp_path: Path, lines: list[dict]) -> list[dict]:
