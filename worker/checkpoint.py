@@ -175,13 +175,47 @@ def load_tokenizer(model_dir: Path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A checkpoint's chat template (Jinja source) and the special tokens it may refer to."""
+
+    source: str
+    bos_token: str = ""
+    eos_token: str = ""
+
+
+def _token_text(value: Any) -> str:
+    # tokenizer_config.json writes a special token as a string or as an AddedToken dict.
+    if isinstance(value, dict):
+        return str(value.get("content", ""))
+    return str(value or "")
+
+
+def load_chat_template(model_dir: Path) -> ChatTemplate | None:
+    """From `chat_template.jinja`, else `tokenizer_config.json` `chat_template` (a string,
+    or a list of named templates of which "default" is used), as transformers reads them."""
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    jinja = model_dir / "chat_template.jinja"
+    source: Any = jinja.read_text() if jinja.exists() else config.get("chat_template")
+    if isinstance(source, list):
+        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+        source = named.get("default")
+    if not source:
+        return None
+    return ChatTemplate(
+        str(source), _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+    )
+
+
 @dataclass
 class Checkpoint:
-    """Everything loaded from one model directory."""
+    """Everything loaded from one model directory (or GGUF file)."""
 
     config: ModelConfig
     weights: ModelWeights
     tokenizer: Tokenizer
+    chat_template: ChatTemplate | None = None
 
 
 def load_checkpoint(model_dir: str | Path, backend: Backend) -> Checkpoint:
@@ -191,4 +225,5 @@ def load_checkpoint(model_dir: str | Path, backend: Backend) -> Checkpoint:
     config = load_model_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
     weights = load_weights(model_dir, config, backend)
-    return Checkpoint(config=config, weights=weights, tokenizer=tokenizer)
+    chat = load_chat_template(model_dir)
+    return Checkpoint(config=config, weights=weights, tokenizer=tokenizer, chat_template=chat)
