@@ -10,7 +10,6 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from tokenizers import Tokenizer
 
 from server import logs
 from server.config import ServerConfig
@@ -26,11 +25,10 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 
 async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> None:
     """Run until SIGTERM / SIGINT, then drain and return (the process exits 0)."""
-    tokenizer_path = Path(config.model) / "tokenizer.json"
-    if not tokenizer_path.exists():
-        raise SystemExit(f"{config.model}: missing file tokenizer.json")
+    if not Path(config.model).exists():
+        raise SystemExit(f"--model {config.model}: no such file or directory")
     engine = WorkerPool(config.model, config.engine, config.workers, config.ring_bytes)
-    frontend = Frontend(config, Tokenizer.from_file(str(tokenizer_path)), engine)
+    frontend = Frontend(config, engine)
 
     # Metrics first: the outermost interceptor also counts the calls auth refuses.
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(frontend.metrics)]

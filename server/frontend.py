@@ -21,13 +21,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tokenizers import Tokenizer
-
 from server.config import ServerConfig
 from server.detokenizer import IncrementalText
 from server.logs import REQUEST_LOGGER, request_fields
 from server.metrics import Metrics
 from server.pending_queue import PendingQueue
+from server.prompts import PromptEncoder
 from server.requests import RequestError, RequestRegistry, RequestState
 from server.validation import Limits, ValidatedRequest
 from worker.channel.client import EngineClient, EngineEvents
@@ -78,16 +77,16 @@ class WorkerState:
 
 
 class Frontend:
-    def __init__(self, config: ServerConfig, tokenizer: Tokenizer, engine: EngineClient) -> None:
+    def __init__(self, config: ServerConfig, engine: EngineClient) -> None:
         self.config = config
-        self.tokenizer = tokenizer
         self.engine = engine
         self.queue: PendingQueue[RequestState] = PendingQueue(config.max_queue_len, config.aging_s)
         self.registry = RequestRegistry(config.retention_s, config.retention_count)
         self.workers: dict[int, WorkerState] = {}
         self.metrics = Metrics()
         self.metrics.observe_on_scrape(self.queue.lengths_by_priority, lambda: engine.restarts)
-        self.model: Ready | None = None
+        self.model: Ready | None = None  # the first worker's Ready: what the model accepts
+        self.prompts: PromptEncoder | None = None  # its tokenizer and chat template
         self.draining = False
         self.on_health_change: Callable[[bool], None] = lambda serving: None
         self._wake = asyncio.Event()
@@ -140,7 +139,9 @@ class Frontend:
         """Queue a validated request (QueueFull / DuplicateRequestId / Unavailable)."""
         if not self.serving:
             raise Unavailable("server is draining" if self.draining else "no worker is ready")
-        state = self.registry.create(request, IncrementalText(self.tokenizer, request.stop))
+        assert self.prompts is not None  # serving implies a Ready arrived
+        text = IncrementalText(self.prompts.tokenizer, request.stop)
+        state = self.registry.create(request, text)
         try:
             self.queue.push(state.request_id, state, request.priority)
         except Exception:
@@ -186,7 +187,8 @@ class Frontend:
         log.info("worker %d ready on %s", index, ready.device)
         if self.model is None and len(self.serving_workers()) < self.engine.num_workers:
             return  # health turns SERVING only once every worker has come up
-        self.model = self.model or ready
+        if self.model is None:
+            self.model, self.prompts = ready, PromptEncoder.from_ready(ready)
         self.on_health_change(self.serving)
         self._wake.set()
 

@@ -13,6 +13,8 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from server.frontend import Frontend, Unavailable, UnknownRequest
 from server.metrics import Metrics
@@ -42,8 +44,13 @@ def fields_from_proto(request: pb.GenerateRequest) -> RequestFields:
         value = getattr(request, spec.name)
         if spec.default is None and not request.HasField(spec.name):
             value = None
-        elif not isinstance(value, str | int | float | bool):
-            value = list(value)  # a repeated field
+        elif not isinstance(value, str | int | float | bool):  # a repeated field
+            value = [
+                json_format.MessageToDict(v, preserving_proto_field_name=True)
+                if isinstance(v, Message)
+                else v
+                for v in value
+            ]
         values[spec.name] = value
     return RequestFields(**values)  # type: ignore[arg-type]
 
@@ -79,7 +86,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
         try:
             fields = fields_from_proto(request)
-            validated = validate(fields, self.frontend.limits(), self.frontend.tokenizer)
+            validated = validate(fields, self.frontend.limits(), self.frontend.prompts)
             return self.frontend.submit(validated)
         except (InvalidRequest, DuplicateRequestId) as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
@@ -158,6 +165,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             vocab_size=model.vocab_size,
             max_context=self.frontend.limits().max_context,
             kv_capacity_tokens=model.kv_capacity_tokens,
+            has_chat_template=bool(model.chat_template),
             eos_token_ids=list(model.eos_token_ids),
             device=model.device,
             max_new_tokens_limit=self.frontend.config.max_new_tokens_limit,

@@ -28,15 +28,14 @@ class InvalidRequest(ValueError):
     """A bad request; the message names the field and the limit."""
 
 
-class _Encoding(Protocol):
-    @property
-    def ids(self) -> list[int]: ...
+class Prompts(Protocol):
+    """What validation needs to turn a prompt into token ids (server/prompts.py)."""
 
+    def encode_text(self, text: str) -> list[int]: ...
 
-class TextEncoder(Protocol):
-    """What validation needs of a `tokenizers.Tokenizer`."""
-
-    def encode(self, sequence: str) -> _Encoding: ...
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """ValueError (with the reason) when the model cannot render these messages."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -46,6 +45,7 @@ class RequestFields:
     request_id: str = ""
     prompt: str | None = None
     prompt_token_ids: Sequence[int] = ()
+    messages: Sequence[Mapping[str, Any]] = ()  # {"role": ..., "content": ...}
     max_new_tokens: int = 0
     temperature: float = 0.0
     top_k: int = 0
@@ -67,6 +67,7 @@ class Limits:
     max_stop_length: int = 256  # characters
     max_request_id_bytes: int = 128
     max_stop_token_ids: int = 64
+    max_messages: int = 1024
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class ValidatedRequest:
     stop: tuple[str, ...] = field(default=())
 
 
-def validate(request: RequestFields, limits: Limits, tokenizer: TextEncoder) -> ValidatedRequest:
+def validate(request: RequestFields, limits: Limits, prompts: Prompts) -> ValidatedRequest:
     """Check every field against `limits`; raise InvalidRequest on the first fault."""
     r = request
     request_id = _request_id(r.request_id, limits)
@@ -100,7 +101,7 @@ def validate(request: RequestFields, limits: Limits, tokenizer: TextEncoder) -> 
         raise InvalidRequest(f"seed must be in [0, 2**64) (got {r.seed})")
     stop = _stop_strings(r.stop, limits)
     stop_token_ids = _stop_token_ids(r.stop_token_ids, limits)
-    prompt_ids = _prompt_ids(r, limits, tokenizer)
+    prompt_ids = _prompt_ids(r, limits, prompts)
     if len(prompt_ids) + max_new > limits.max_context:
         raise InvalidRequest(
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}) must fit the "
@@ -153,6 +154,10 @@ _JSON_TYPES: dict[str, tuple[Any, str]] = {
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "str | int": (lambda v: isinstance(v, str) or _is_int(v), "a name or a number"),
     "Sequence[int]": (lambda v: isinstance(v, list) and all(map(_is_int, v)), "a list of integers"),
+    "Sequence[Mapping[str, Any]]": (
+        lambda v: isinstance(v, list) and all(isinstance(m, dict) for m in v),
+        "a list of objects",
+    ),
     "Sequence[str]": (
         lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
         "a list of strings",
@@ -210,21 +215,51 @@ def _stop_token_ids(ids: Sequence[int], limits: Limits) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def _prompt_ids(request: RequestFields, limits: Limits, tokenizer: TextEncoder) -> list[int]:
-    has_text, has_ids = request.prompt is not None, len(request.prompt_token_ids) > 0
-    if has_text == has_ids:
-        got = "both" if has_text else "neither"
-        raise InvalidRequest(f"exactly 1 of prompt or prompt_token_ids must be set (got {got})")
-    if has_ids:
+def _prompt_ids(request: RequestFields, limits: Limits, prompts: Prompts) -> list[int]:
+    given = [
+        name
+        for name, present in (
+            ("prompt", request.prompt is not None),
+            ("prompt_token_ids", len(request.prompt_token_ids) > 0),
+            ("messages", len(request.messages) > 0),
+        )
+        if present
+    ]
+    if len(given) != 1:
+        got = " and ".join(given) or "none"
+        raise InvalidRequest(
+            f"exactly 1 of prompt, prompt_token_ids or messages must be set (got {got})"
+        )
+    if request.prompt_token_ids:
         ids = list(request.prompt_token_ids)
         _check_vocab("prompt_token_ids", ids, limits.vocab_size)
         return ids
-    if not request.prompt:
+    if request.messages:
+        ids = _chat_ids(request.messages, limits, prompts)
+    elif not request.prompt:
         raise InvalidRequest("prompt must be at least 1 character (got an empty string)")
-    ids = list(tokenizer.encode(request.prompt).ids)
+    else:
+        ids = prompts.encode_text(request.prompt)
     if not ids:
-        raise InvalidRequest("prompt must give at least 1 token (it tokenized to none)")
+        raise InvalidRequest(f"{given[0]} must give at least 1 token (it tokenized to none)")
     return ids
+
+
+def _chat_ids(messages: Sequence[Mapping[str, Any]], limits: Limits, prompts: Prompts) -> list[int]:
+    if len(messages) > limits.max_messages:
+        raise InvalidRequest(
+            f"messages has {len(messages)} entries; at most {limits.max_messages} are allowed"
+        )
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not role:
+            raise InvalidRequest(f"messages[{i}].role must be a non-empty string (got {role!r})")
+        if not isinstance(content, str):
+            raise InvalidRequest(f"messages[{i}].content must be a string (got {content!r})")
+    try:
+        return prompts.encode_chat(messages)
+    except ValueError as err:
+        raise InvalidRequest(f"messages: {err}") from None
 
 
 def _check_vocab(name: str, ids: Sequence[int], vocab_size: int) -> None:

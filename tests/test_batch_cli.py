@@ -45,7 +45,7 @@ def test_every_line_is_answered_in_order(
     ]
     errors = {r["request_id"]: r["error"] for r in records if "error" in r}
     assert errors["line-3"].startswith("line 3:")
-    assert "exactly 1 of prompt or prompt_token_ids" in errors["line-4"]
+    assert "exactly 1 of prompt, prompt_token_ids or messages" in errors["line-4"]
     assert "max_new_tokens must be in [1, 4096] (got 0)" in errors["zero"]
     assert "top_p must be in [0, 1]" in errors["line-6"]
     assert "prompt_token_ids[1] = 99999 must be in [0, 512)" in errors["line-7"]

@@ -102,7 +102,22 @@ def test_message_codec_round_trips() -> None:
         Add(9, list(range(70_000)), params, Priority.LOW, generated=[1, 2, 3]),
         Cancel(2**63),
         Shutdown(),
-        Ready(123, 32, 4096, 16, 2048, 49152, (0, 2), "cpu (numpy)", "smol", "llama"),
+        Ready(
+            123,
+            32,
+            4096,
+            16,
+            2048,
+            49152,
+            (0, 2),
+            "cpu (numpy)",
+            "smol",
+            "llama",
+            bytes(range(256)) * 3,
+            "{{ bos_token }}{% for m in messages %}…{% endfor %}",
+            "<s>",
+            "</s>",
+        ),
         Tokens(
             [TokenRecord(1, 5, 0, FinishReason.NONE), TokenRecord(2, -1, 9, FinishReason.CANCELLED)]
         ),

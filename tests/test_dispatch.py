@@ -9,6 +9,7 @@ model; each test is one `asyncio.run`.
 from __future__ import annotations
 
 import asyncio
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ BLOCK = 16
 class FakeEngine:
     """An EngineClient that sends nowhere: it records what the front sends."""
 
+    tokenizer: Tokenizer | None = None  # sent in Ready, as a worker does
     num_workers: int = 1
     restarts: int = 0
     events: EngineEvents | None = None
@@ -53,8 +55,23 @@ class FakeEngine:
     # -- the workers' side, played by the test -------------------------------------------
     def ready(self, worker: int, max_batch_size: int = 8, kv_blocks: int = 64) -> None:
         assert self.events is not None
+        assert self.tokenizer is not None
+        tokenizer = zlib.compress(self.tokenizer.to_str().encode())
         ready = Ready(
-            1000 + worker, max_batch_size, kv_blocks, BLOCK, 2048, 512, (0,), "cpu", "m", "llama"
+            1000 + worker,
+            max_batch_size,
+            kv_blocks,
+            BLOCK,
+            2048,
+            512,
+            (0,),
+            "cpu",
+            "m",
+            "llama",
+            tokenizer,
+            "",
+            "",
+            "",
         )
         self.events.ready(worker, ready)
 
@@ -99,9 +116,9 @@ def run(
     """Start a Frontend over a FakeEngine whose `workers` are ready, run `test`, then drain."""
 
     async def main() -> None:
-        engine = FakeEngine(num_workers=workers)
+        engine = FakeEngine(tokenizer, num_workers=workers)
         config = ServerConfig(model="unused", batch_timeout_ms=0, drain_grace_s=0)
-        front = Frontend(config, tokenizer, engine)
+        front = Frontend(config, engine)
         front.start()
         for worker in range(workers):
             assert not front.serving  # SERVING only once every worker is ready

@@ -7,12 +7,13 @@ is checked at the end.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from tokenizers import Tokenizer
 
+from server.chat import ChatTemplate, ChatTemplateError
+from server.prompts import PromptEncoder
 from server.servicer import fields_from_proto
 from server.validation import (
     InvalidRequest,
@@ -28,14 +29,22 @@ from worker.channel.types import Priority, SamplingParams
 LIMITS = Limits(vocab_size=512, max_context=100, max_new_tokens_limit=50)
 
 
+TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools here') }}"
+    "{% endif %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
 @pytest.fixture
-def tokenizer(toy_tokenizer: Tokenizer) -> Tokenizer:
-    return toy_tokenizer
+def tokenizer(toy_tokenizer: Tokenizer) -> PromptEncoder:
+    """The toy tokenizer with a small chat template, as the front builds it from Ready."""
+    return PromptEncoder(toy_tokenizer, ChatTemplate(TEMPLATE, "<s>", "</s>"))
 
 
-def validate(request: pb.GenerateRequest, limits: Limits, tokenizer: Any) -> ValidatedRequest:
+def validate(request: pb.GenerateRequest, limits: Limits, prompts: Any) -> ValidatedRequest:
     """The server's path: the gRPC edge, then validation of plain values."""
-    return validate_fields(fields_from_proto(request), limits, tokenizer)
+    return validate_fields(fields_from_proto(request), limits, prompts)
 
 
 def request(**fields: Any) -> pb.GenerateRequest:
@@ -80,8 +89,8 @@ def test_text_prompt_is_tokenized(tokenizer: Tokenizer) -> None:
     text = "The quick brown fox 🙂 你好"
     req = pb.GenerateRequest(prompt=text, max_new_tokens=1)
     valid = validate(req, LIMITS, tokenizer)
-    assert valid.prompt_ids == tokenizer.encode(text).ids
-    assert tokenizer.decode(valid.prompt_ids) == text
+    assert valid.prompt_ids == tokenizer.tokenizer.encode(text).ids
+    assert tokenizer.tokenizer.decode(valid.prompt_ids) == text
     assert valid.request_id is None and valid.stop == ()
 
 
@@ -122,8 +131,12 @@ def test_limits_are_inclusive(tokenizer: Tokenizer) -> None:
 @pytest.mark.parametrize(
     ("fields", "words"),
     [
-        ({"prompt_token_ids": []}, ["prompt", "prompt_token_ids", "1", "neither"]),
-        ({"prompt": "hi"}, ["prompt", "prompt_token_ids", "1", "both"]),
+        ({"prompt_token_ids": []}, ["prompt, prompt_token_ids or messages", "(got none)"]),
+        ({"prompt": "hi"}, ["exactly 1", "(got prompt and prompt_token_ids)"]),
+        (
+            {"messages": [pb.ChatMessage(role="user", content="hi")]},
+            ["exactly 1", "(got prompt_token_ids and messages)"],
+        ),
         ({"prompt_token_ids": [], "prompt": ""}, ["prompt", "1 character"]),
         ({"prompt_token_ids": [5, 512]}, ["prompt_token_ids[1]", "512"]),
         ({"prompt_token_ids": [1] * 60, "max_new_tokens": 41}, ["prompt", "max_new_tokens", "100"]),
@@ -162,8 +175,11 @@ def test_invalid_requests_name_field_and_limit(
 
 def test_prompt_that_tokenizes_to_nothing() -> None:
     class NoTokens:
-        def encode(self, sequence: str) -> SimpleNamespace:
-            return SimpleNamespace(ids=[])
+        def encode_text(self, text: str) -> list[int]:
+            return []
+
+        def encode_chat(self, messages: Any) -> list[int]:
+            return []
 
     req = pb.GenerateRequest(prompt="hello", max_new_tokens=1)
     with pytest.raises(InvalidRequest, match=r"prompt must give at least 1 token"):
@@ -181,7 +197,7 @@ def test_json_edge_checks_types_and_names_unknown_fields(tokenizer: Tokenizer) -
     line = {"prompt": "hi", "max_new_tokens": 3, "min_p": 0.1, "priority": "high", "seed": 5}
     valid = validate_fields(from_json(line), LIMITS, tokenizer)
     assert valid.priority == Priority.HIGH and valid.params.min_p == 0.1
-    assert valid.params.seed == 5 and valid.prompt_ids == tokenizer.encode("hi").ids
+    assert valid.params.seed == 5 and valid.prompt_ids == tokenizer.encode_text("hi")
     assert from_json({}) == RequestFields()
     bad = [
         ([1], "a JSON object"),
@@ -219,3 +235,43 @@ def test_values_only_json_can_carry_are_refused(
         validate_fields(from_json({**base, **fields}), LIMITS, tokenizer)
     for word in words:
         assert word in str(info.value), (word, str(info.value))
+
+
+def test_messages_are_rendered_with_the_chat_template(tokenizer: PromptEncoder) -> None:
+    turns = [
+        pb.ChatMessage(role="system", content="Be brief."),
+        pb.ChatMessage(role="user", content="¿Dónde? 你好"),
+    ]
+    valid = validate(pb.GenerateRequest(messages=turns, max_new_tokens=4), LIMITS, tokenizer)
+    rendered = "<system>Be brief.</s>\n<user>¿Dónde? 你好</s>\n<assistant>"
+    assert valid.prompt_ids == tokenizer.tokenizer.encode(rendered, add_special_tokens=False).ids
+    line = {"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 2}
+    from_jsonl = validate_fields(from_json(line), LIMITS, tokenizer)
+    assert tokenizer.tokenizer.decode(from_jsonl.prompt_ids) == "<user>hi</s>\n<assistant>"
+
+
+@pytest.mark.parametrize(
+    ("messages", "words"),
+    [
+        ([{"role": "", "content": "x"}], ["messages[0].role", "non-empty"]),
+        ([{"role": "user"}], ["messages[0].content", "string"]),
+        ([{"role": "user", "content": 3}], ["messages[0].content", "string", "3"]),
+        ([{"role": "user", "content": "x"}] * 1025, ["messages", "1025", "1024"]),
+        ([{"role": "tool", "content": "x"}], ["messages", "refused", "no tools here"]),
+    ],
+)
+def test_bad_messages_name_the_field(
+    tokenizer: PromptEncoder, messages: list[dict], words: list[str]
+) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        validate_fields(RequestFields(messages=messages, max_new_tokens=2), LIMITS, tokenizer)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_a_model_without_a_template_refuses_messages(toy_tokenizer: Tokenizer) -> None:
+    request = RequestFields(messages=[{"role": "user", "content": "hi"}], max_new_tokens=2)
+    with pytest.raises(InvalidRequest, match="messages: this model has no chat template"):
+        validate_fields(request, LIMITS, PromptEncoder(toy_tokenizer))
+    with pytest.raises(ChatTemplateError, match="does not compile"):
+        ChatTemplate("{% for %}")

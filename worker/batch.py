@@ -59,7 +59,7 @@ def submit_line(front: Frontend, line_no: int, line: str) -> RequestState:
     obj = json.loads(line)
     if isinstance(obj, dict) and not obj.get("request_id"):
         obj = {**obj, "request_id": f"line-{line_no}"}
-    request = validate(from_json(obj), front.limits(), front.tokenizer)
+    request = validate(from_json(obj), front.limits(), front.prompts)
     return front.submit(request)
 
 
@@ -87,7 +87,7 @@ async def collect(state: RequestState, progress: ProgressBar) -> dict[str, Any]:
 
 async def run(args: argparse.Namespace, config: ServerConfig, lines: list[tuple[int, str]]) -> int:
     processor = BatchProcessor.from_model_dir(args.model, config.engine)
-    front = Frontend(config, processor.tokenizer, InProcessEngine(EngineCore(processor)))
+    front = Frontend(config, InProcessEngine(EngineCore(processor)))
     front.start()
     while not front.serving:
         await asyncio.sleep(0)

@@ -30,6 +30,7 @@ class BatchProcessor:
         self.config = config
         self.model_config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
+        self.chat_template = checkpoint.chat_template
         context = checkpoint.config.max_position_embeddings
         self.max_seq_len = min(config.max_seq_len or context, context)
         self.layout = plan_kv_cache(checkpoint.config, config.kv_cache_mb, config.block_size)

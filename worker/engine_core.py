@@ -12,6 +12,7 @@ offline batch runner. Messages in, messages out:
 from __future__ import annotations
 
 import os
+import zlib
 
 from worker.batch_processor import BatchProcessor
 from worker.channel.messages import Add, Cancel, Message, Ready, Rejected, Shutdown, Status, Tokens
@@ -25,7 +26,7 @@ class EngineCore:
         self.add_tokens_received = 0
 
     def ready(self) -> Ready:
-        p = self.processor
+        p, chat = self.processor, self.processor.chat_template
         return Ready(
             pid=os.getpid(),
             max_batch_size=p.config.max_batch_size,
@@ -37,6 +38,10 @@ class EngineCore:
             device=p.runner.backend.describe(),
             model_name=p.model_config.name,
             architecture=p.model_config.model_type,
+            tokenizer_zlib=zlib.compress(p.tokenizer.to_str().encode(), 6),
+            chat_template=chat.source if chat else "",
+            bos_token=chat.bos_token if chat else "",
+            eos_token=chat.eos_token if chat else "",
         )
 
     def receive(self, message: Message) -> list[Message]:

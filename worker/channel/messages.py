@@ -8,7 +8,8 @@ A request is named on the channel, and inside the worker, by an integer
 
 The codec is derived from the dataclass fields, in declaration order:
 `int` is a little-endian u64, `float` an f64, `bool` one byte, an enum one
-byte, `str` a u32 byte length then UTF-8, `list[int]` / `tuple[int, ...]` a
+byte, `str` a u32 byte length then UTF-8, `bytes` a u32 length then the
+bytes, `list[int]` / `tuple[int, ...]` a
 u32 count then u32 values, a nested dataclass its own fields in turn, and
 `list[TokenRecord]` a u32 count then fixed 21-byte records. A message is one
 kind byte (its position in MESSAGES) followed by its fields.
@@ -63,6 +64,11 @@ class Ready:
     device: str
     model_name: str
     architecture: str
+    # The front tokenizes, detokenizes and renders chats with what the worker loaded:
+    tokenizer_zlib: bytes  # the tokenizer's `tokenizers` JSON, zlib-compressed
+    chat_template: str  # Jinja source; "" when the checkpoint has none
+    bos_token: str  # special-token texts a chat template may use
+    eos_token: str
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -154,8 +160,8 @@ def _write(obj: Any, out: list[bytes]) -> None:
             out.append(_SCALARS[kind].pack(value))
         elif kind in _ENUMS:
             out.append(_BYTE.pack(value))
-        elif kind == "str":
-            raw = value.encode()
+        elif kind in ("str", "bytes"):
+            raw = value.encode() if kind == "str" else value
             out += (_COUNT.pack(len(raw)), raw)
         elif kind in _ID_LISTS:
             out += (_COUNT.pack(len(value)), array("I", value).tobytes())
@@ -177,9 +183,10 @@ def _read(cls: type, data: memoryview, offset: int) -> tuple[Any, int]:
         elif kind in _ENUMS:
             values[name] = _ENUMS[kind](data[offset])
             offset += 1
-        elif kind == "str":
+        elif kind in ("str", "bytes"):
             (size,) = _COUNT.unpack_from(data, offset)
-            values[name] = bytes(data[offset + 4 : offset + 4 + size]).decode()
+            raw = bytes(data[offset + 4 : offset + 4 + size])
+            values[name] = raw.decode() if kind == "str" else raw
             offset += 4 + size
         elif kind in _ID_LISTS:
             (count,) = _COUNT.unpack_from(data, offset)

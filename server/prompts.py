@@ -1,0 +1,49 @@
+"""PromptEncoder: text prompts and conversations -> token ids, with the worker's tokenizer.
+
+The front never reads a checkpoint: the tokenizer (as `tokenizers` JSON) and
+the chat template arrive in the worker's Ready message, so an HF directory
+and a GGUF file look the same from here.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from server.chat import ChatTemplate, ChatTemplateError
+from worker.channel.messages import Ready
+
+
+class PromptEncoder:
+    def __init__(self, tokenizer: Tokenizer, chat_template: ChatTemplate | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+
+    @classmethod
+    def from_ready(cls, ready: Ready) -> PromptEncoder:
+        tokenizer = Tokenizer.from_str(zlib.decompress(ready.tokenizer_zlib).decode())
+        template = None
+        if ready.chat_template:
+            template = ChatTemplate(ready.chat_template, ready.bos_token, ready.eos_token)
+        return cls(tokenizer, template)
+
+    def encode_text(self, text: str) -> list[int]:
+        """A plain prompt, with the tokenizer's own special tokens (e.g. a BOS)."""
+        return list(self.tokenizer.encode(text).ids)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """A conversation rendered with the chat template and `add_generation_prompt`.
+
+        The rendering already holds the special tokens it needs (transformers
+        tokenizes it with add_special_tokens=False too). ChatTemplateError if
+        the model has no template or the template refuses the messages.
+        """
+        if self.chat_template is None:
+            raise ChatTemplateError(
+                "this model has no chat template: send prompt or prompt_token_ids instead"
+            )
+        text = self.chat_template.render(messages)
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
