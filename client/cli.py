@@ -7,6 +7,7 @@ command name, so `python -m client stats --target h:1` works as well.
 from __future__ import annotations
 
 import argparse
+import codecs
 import math
 import os
 import sys
@@ -56,20 +57,41 @@ def _global_options(defaults: bool) -> argparse.ArgumentParser:
     return p
 
 
-def _request_options() -> argparse.ArgumentParser:
+def unescape(text: str) -> str:
+    r"""Backslash escapes as in Python strings: `--stop "\n\n"` is two newlines."""
+    return codecs.escape_decode(text.encode())[0].decode()
+
+
+def _sampling_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("prompt", nargs="?", help="prompt text ('-' reads stdin)")
-    p.add_argument("--token-ids", type=int_list, dest="prompt_token_ids", metavar="1,2,3")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=0.0, help="0 or 1 = off")
     p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
     p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", default=[], metavar="S", help="repeatable")
+    p.add_argument(
+        "--stop",
+        action="append",
+        type=unescape,
+        default=[],
+        metavar="S",
+        help=r"repeatable; backslash escapes such as \n work",
+    )
     p.add_argument("--stop-token-ids", type=int_list, default=[], metavar="1,2")
     p.add_argument("--priority", type=str.upper, choices=PRIORITY_NAMES)
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--system", help="a system message (with --chat, or in chat)")
+    return p
+
+
+def _request_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False, parents=[_sampling_options()])
+    p.add_argument("prompt", nargs="?", help="prompt text ('-' reads stdin)")
+    p.add_argument("--token-ids", type=int_list, dest="prompt_token_ids", metavar="1,2,3")
+    p.add_argument(
+        "--chat", action="store_true", help="send the prompt as a user message (chat template)"
+    )
     p.add_argument("--request-id", default="")
     return p
 
@@ -90,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = add("generate", "generate and print a completion", request)
     gen.add_argument("--stream", action="store_true", help="print text as it arrives")
     add("submit", "enqueue a request and print its id", request)
+    add(
+        "chat",
+        "a conversation in the terminal: history kept, each answer streamed "
+        "(/reset clears it, /exit or end of input leaves)",
+        _sampling_options(),
+    ).set_defaults(max_new_tokens=256)
     stream = add("stream", "follow a submitted request")
     stream.add_argument("request_id")
     stream.add_argument("--from-index", type=int, default=0, help="replay from this token")
@@ -138,6 +166,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.prompt = sys.stdin.read()
         if (args.prompt is None) == (args.prompt_token_ids is None):
             parser.error(f"{args.command}: give exactly one of a prompt or --token-ids")
+        if args.chat and args.prompt is None:
+            parser.error(f"{args.command}: --chat sends the prompt text as a user message")
     if args.command in ("batch", "bench") and args.concurrency is not None and args.concurrency < 1:
         parser.error("--concurrency must be >= 1")
     if args.command == "bench" and (args.requests < 1 or not args.rate > 0):
@@ -145,21 +175,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+SAMPLING_NAMES = (
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "priority",
+)
+
+
+def sampling_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The build_request keyword arguments every request command shares."""
+    return {name: getattr(args, name) for name in SAMPLING_NAMES}
+
+
+def system_turn(args: argparse.Namespace) -> list[dict[str, str]]:
+    return [{"role": "system", "content": args.system}] if args.system else []
+
+
 def request_params(args: argparse.Namespace) -> dict[str, Any]:
     """The build_request keyword arguments of a generate/submit command line."""
-    names = (
-        "prompt",
-        "prompt_token_ids",
-        "max_new_tokens",
-        "temperature",
-        "top_k",
-        "top_p",
-        "min_p",
-        "seed",
-        "stop",
-        "stop_token_ids",
-        "ignore_eos",
-        "priority",
-        "request_id",
-    )
-    return {name: getattr(args, name) for name in names}
+    params = {**sampling_params(args), "request_id": args.request_id}
+    if args.chat:
+        turns = [*system_turn(args), {"role": "user", "content": args.prompt}]
+        return {**params, "messages": turns}
+    return {**params, "prompt": args.prompt, "prompt_token_ids": args.prompt_token_ids}

@@ -16,7 +16,7 @@ import grpc
 from client.aio import AsyncShoalClient
 from client.batch import count_failed, parse_lines, run_batch, write_records
 from client.bench import BenchPlan, run_bench, summarize, summary_table
-from client.cli import parse_args, request_params
+from client.cli import parse_args, request_params, sampling_params, system_turn
 from client.errors import ShoalError
 from client.progress import Progress
 from client.sync import ShoalClient
@@ -57,6 +57,30 @@ def cmd_generate(client: ShoalClient, args: argparse.Namespace) -> int:
         print(done.text)
     print(summary_line(done), file=sys.stderr)
     return 0
+
+
+def cmd_chat(client: ShoalClient, args: argparse.Namespace) -> int:
+    """Read user turns (a prompt on a terminal, lines from a pipe), stream each answer."""
+    history = system_turn(args)
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("you> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            line = ""
+        if not line or line.strip() in ("/exit", "/quit"):
+            return 0
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            history = system_turn(args)
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        done = print_chunks(client.generate(messages=history, **sampling_params(args)), sys.stdout)
+        history.append({"role": "assistant", "content": done.text})
+        print(summary_line(done), file=sys.stderr)
 
 
 def cmd_submit(client: ShoalClient, args: argparse.Namespace) -> int:
@@ -166,6 +190,7 @@ async def cmd_bench(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[ShoalClient, argparse.Namespace], int]] = {
     "generate": cmd_generate,
     "submit": cmd_submit,
+    "chat": cmd_chat,
     "stream": cmd_stream,
     "cancel": cmd_cancel,
     "stats": cmd_stats,

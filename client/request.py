@@ -1,13 +1,14 @@
 """Building a GenerateRequest from keyword arguments that mirror its field names.
 
 Only what can't be put on the wire is checked here (an unknown priority name, a wrong type);
-value limits (max_new_tokens > 0, top_p range, exactly one of prompt / prompt_token_ids) are
+value limits (max_new_tokens > 0, top_p range, exactly one of prompt / prompt_token_ids /
+messages) are
 the server's job, so its INVALID_ARGUMENT messages reach the caller unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TypedDict
 
 from shoal.v1 import inference_pb2 as pb
@@ -23,6 +24,7 @@ class RequestParams(TypedDict, total=False):
     """Keyword arguments accepted by generate / generate_text / submit (besides prompt)."""
 
     prompt_token_ids: Iterable[int] | None
+    messages: Iterable[Mapping[str, str]] | None
     max_new_tokens: int
     temperature: float
     top_k: int
@@ -56,6 +58,7 @@ def build_request(
     prompt: str | None = None,
     *,
     prompt_token_ids: Iterable[int] | None = None,
+    messages: Iterable[Mapping[str, str]] | None = None,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_k: int = 0,
@@ -74,6 +77,7 @@ def build_request(
     request = pb.GenerateRequest(
         request_id=request_id or "",
         prompt_token_ids=list(prompt_token_ids or ()),
+        messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages or ()],
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,

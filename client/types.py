@@ -85,6 +85,8 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...]
     device: str
     max_new_tokens_limit: int
+    kv_capacity_tokens: int = 0
+    has_chat_template: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,6 +153,8 @@ def model_info_from_pb(msg: pb.ModelInfo) -> ModelInfo:
         eos_token_ids=tuple(msg.eos_token_ids),
         device=msg.device,
         max_new_tokens_limit=msg.max_new_tokens_limit,
+        kv_capacity_tokens=msg.kv_capacity_tokens,
+        has_chat_template=msg.has_chat_template,
     )
 
 

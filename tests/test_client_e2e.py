@@ -388,13 +388,18 @@ def test_auth_token(servers: ServerGroup) -> None:
 
 
 def cli(
-    *argv: str, check: bool = True, env: dict[str, str] | None = None, timeout: float = 60
+    *argv: str,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+    stdin: str | None = None,
 ) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
     environ.update(PYTHONPATH=str(REPO), **(env or {}))
     proc = subprocess.run(
         [sys.executable, "-m", "client", *argv],
         cwd=REPO,
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -438,6 +443,36 @@ def test_cli_generate_info_and_stats(server: RunningServer, shoal: ShoalClient) 
     assert down.returncode == 1 and down.stderr.startswith("error: UNAVAILABLE:")
     usage = cli(*target, "generate", check=False)
     assert usage.returncode == 2 and "exactly one of a prompt or --token-ids" in usage.stderr
+
+
+def test_cli_chat_keeps_the_history_and_reset_clears_it(
+    server: RunningServer, shoal: ShoalClient
+) -> None:
+    assert shoal.model_info().has_chat_template
+    flags = ("--max-new-tokens", "4", "--ignore-eos", "--system", "Be brief.")
+    turns = "hello\nand again\n/reset\nthird\n"
+    chat = cli("--target", server.target, "chat", *flags, stdin=turns)
+    answers, summaries = chat.stdout.splitlines(), chat.stderr.splitlines()
+    assert len(answers) == 3 and "(conversation cleared)" in summaries
+
+    system = {"role": "system", "content": "Be brief."}
+    history: list[dict[str, str]] = [system]
+    expected = []
+    for user in ("hello", "and again", None, "third"):
+        if user is None:  # /reset
+            history = [system]
+            continue
+        history.append({"role": "user", "content": user})
+        done = shoal.generate_text(messages=history, max_new_tokens=4, ignore_eos=True)
+        history.append({"role": "assistant", "content": done.text})
+        assert done.usage
+        expected.append((done.text, f"prompt_tokens={done.usage.prompt_tokens} "))
+    for answer, line, (text, prompt_tokens) in zip(
+        answers, [x for x in summaries if x.startswith("finish=")], expected, strict=True
+    ):
+        assert answer == text and prompt_tokens in line
+    one_shot = cli("--target", server.target, "generate", "hello", "--chat", *flags)
+    assert one_shot.stdout.splitlines()[0] == answers[0]
 
 
 def test_cli_submit_stream_and_cancel(server: RunningServer, shoal: ShoalClient) -> None:

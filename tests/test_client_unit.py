@@ -309,3 +309,16 @@ def test_stream_and_batch_arguments() -> None:
     args = parse_args(["bench", "--rate", "inf", "--prompt-len", "32", "--output-len", "8:16"])
     assert args.rate == float("inf") and args.concurrency is None
     assert (args.prompt_len.low, args.prompt_len.high, args.output_len.high) == (32, 32, 16)
+
+
+def test_stop_flags_take_backslash_escapes_and_chat_sends_messages() -> None:
+    args = parse_args(["generate", "hi", "--stop", r"\n\n", "--stop", "é\\t", "--chat"])
+    params = request_params(args)
+    assert params["stop"] == ["\n\n", "é\t"]
+    assert params["messages"] == [{"role": "user", "content": "hi"}] and "prompt" not in params
+    req = build_request(**params)
+    assert [(m.role, m.content) for m in req.messages] == [("user", "hi")]
+    assert not req.HasField("prompt")
+    system = parse_args(["generate", "hi", "--chat", "--system", "Be brief."])
+    assert [m["role"] for m in request_params(system)["messages"]] == ["system", "user"]
+    assert parse_args(["chat"]).max_new_tokens == 256

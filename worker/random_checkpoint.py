@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 from worker.toy_tokenizer import EOS_TOKEN_ID, PAD_TOKEN_ID, build_tokenizer, eos_token, pad_token
 
 MARKER = "shoal_checkpoint.json"  # written last: its presence means "complete"
-MARKER_VERSION = 1
+MARKER_VERSION = 2  # 2: tokenizer_config.json has a chat template
 DTYPES = ("float32", "float16")  # bf16 loading is covered by the transformers fixtures
 INIT_STD = 0.02
 
@@ -199,6 +199,13 @@ def is_complete(
     return all((out_dir / n).is_file() for n in names)
 
 
+# A plain template, so conversations can be tested without a real model.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}"
+    "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 def write_checkpoint(
     out_dir: str | os.PathLike[str],
     preset_name: str = "default",
@@ -223,6 +230,7 @@ def write_checkpoint(
     tok.save(str(tmp))
     os.replace(tmp, out / "tokenizer.json")
     tok_config = {
+        "chat_template": CHAT_TEMPLATE,
         "eos_token": eos_token,
         "pad_token": pad_token,
         "tokenizer_class": "PreTrainedTokenizerFast",
