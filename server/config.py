@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.channel.types import EngineConfig
+from worker.channel.types import DEFAULT_KV_CACHE_MB, EngineConfig
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
@@ -54,7 +54,7 @@ class ServerConfig:
     device: str = "auto"
     max_batch_size: int = 32
     max_queue_len: int = 1024
-    kv_cache_mb: float = 256.0
+    kv_cache_mb: float = DEFAULT_KV_CACHE_MB
     metrics_port: int = 0  # 0 = no metrics endpoint
     prefill_token_budget: int = 512
     max_new_tokens_limit: int = 4096

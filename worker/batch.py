@@ -27,6 +27,7 @@ from server.frontend import Frontend
 from server.requests import RequestError, RequestState
 from server.validation import from_json, validate
 from worker.batch_processor import BatchProcessor
+from worker.channel.types import DEFAULT_KV_CACHE_MB
 from worker.engine_core import EngineCore
 from worker.inprocess import InProcessEngine
 from worker.progress import ProgressBar
@@ -42,7 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=os.environ.get("DEVICE", "auto"))
     parser.add_argument("--max-batch-size", type=int, default=int(os.environ.get("BATCH_SIZE", 32)))
     parser.add_argument(
-        "--kv-cache-mb", type=float, default=float(os.environ.get("KV_CACHE_MB", 256))
+        "--kv-cache-mb",
+        type=float,
+        default=float(os.environ.get("KV_CACHE_MB", DEFAULT_KV_CACHE_MB)),
     )
     parser.add_argument("--prefill-token-budget", type=int, default=512)
     return parser.parse_args(argv)

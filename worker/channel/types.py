@@ -11,6 +11,9 @@ import json
 from dataclasses import asdict, dataclass
 
 DEVICES = ("auto", "cpu", "cuda")
+# MiB of KV pool per worker: holds an 8k-token context of a 135M model (46 KB/token) and
+# ~16k tokens of a 1B one (32 KB/token); a 3-7B model wants several GiB (--kv-cache-mb).
+DEFAULT_KV_CACHE_MB = 512.0
 
 
 class Priority(enum.IntEnum):
@@ -57,7 +60,7 @@ class EngineConfig:
 
     max_batch_size: int = 32  # running sequences (slots)
     max_seq_len: int = 0  # prompt + completion; 0 = the model's context
-    kv_cache_mb: float = 256.0  # KV pool budget per worker, MiB
+    kv_cache_mb: float = DEFAULT_KV_CACHE_MB  # KV pool budget per worker, MiB
     block_size: int = 16  # tokens per KV block
     prefill_token_budget: int = 512  # prompt tokens per step, besides the decodes
     device: str = "auto"  # auto | cpu | cuda
