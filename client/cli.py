@@ -11,6 +11,7 @@ import codecs
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,29 @@ TOKEN_ENV = "SHOAL_AUTH_TOKEN"
 
 
 def int_list(text: str) -> list[int]:
-    """ "1,2,3" -> [1, 2, 3] (spaces allowed)."""
+    """ "1,2,3" -> [1, 2, 3] (spaces allowed); token ids, so each in [0, 2**32)."""
     try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part]
+        values = [int(part) for part in text.replace(" ", "").split(",") if part]
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text!r}") from err
+    if any(not 0 <= v < 2**32 for v in values):
+        raise argparse.ArgumentTypeError(f"token ids must be in [0, 2**32): {text!r}")
+    return values
+
+
+def unsigned(bits: int) -> Callable[[str], int]:
+    """An argparse type for the proto's uint32 / uint64 fields: the range is named."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected an integer: {text!r}") from err
+        if not 0 <= value < 2**bits:
+            raise argparse.ArgumentTypeError(f"must be in [0, 2**{bits}) (got {value})")
+        return value
+
+    return parse
 
 
 def _global_options(defaults: bool) -> argparse.ArgumentParser:
@@ -64,12 +83,12 @@ def unescape(text: str) -> str:
 
 def _sampling_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=unsigned(32), default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-k", type=unsigned(32), default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=0.0, help="0 or 1 = off")
     p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=unsigned(64))
     p.add_argument(
         "--stop",
         action="append",
@@ -120,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     ).set_defaults(max_new_tokens=256)
     stream = add("stream", "follow a submitted request")
     stream.add_argument("request_id")
-    stream.add_argument("--from-index", type=int, default=0, help="replay from this token")
+    stream.add_argument("--from-index", type=unsigned(32), default=0, help="replay from this token")
     add("cancel", "abort a queued or running request").add_argument("request_id")
     add("stats", "load per worker and in total").add_argument("--json", action="store_true")
     add("info", "the served model").add_argument("--json", action="store_true")

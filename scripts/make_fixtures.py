@@ -5,18 +5,34 @@ layouts (sharded, fp16/bf16, tied heads, biases, sliding window, llama3 rope),
 and the engine itself may not depend on torch. So this script runs once in a
 throwaway venv and its output (tests/fixtures/) is committed:
 
-    python3 -m venv /tmp/fxvenv
-    /tmp/fxvenv/bin/pip install torch==2.13.0 transformers safetensors tokenizers numpy
-    /tmp/fxvenv/bin/python scripts/make_fixtures.py --out tests/fixtures
+    python3 -m venv .venv-fixtures
+    .venv-fixtures/bin/pip install torch==2.13.0 transformers safetensors tokenizers numpy \
+        gguf jinja2 accelerate
+    .venv-fixtures/bin/python scripts/fetch_model.py --no-fallback   # the SmolLM2 GGUF
+    .venv-fixtures/bin/python scripts/make_fixtures.py --out tests/fixtures
 
-Each fixture dir holds an HF checkpoint, tokenizer.json and expected.npz with,
-for prompt i in 0..3: prompt_i (int64), logits_i (float32, (len, vocab)),
-greedy_i (int64, (12,)) and greedy_logits_i (float32, (12, vocab)).
+(`make fixtures` does exactly this.) Each toy fixture dir holds an HF checkpoint,
+tokenizer.json and expected.npz with, for prompt i in 0..3: prompt_i (int64),
+logits_i (float32, (len, vocab)), greedy_i (int64, (12,)) and greedy_logits_i
+(float32, (12, vocab)).
+
+smollm2/ holds transformers' reference outputs for the real default model,
+SmolLM2-135M-Instruct as the Q4_1 GGUF (scripts/fetch_model.py), loaded by
+transformers itself (`gguf_file=`, dequantized to fp32); the GGUF is not
+copied. expected.json: plain prompts (ids, 16 greedy tokens with EOS
+disabled, each step's top-20 logits) and chat conversations (transformers'
+rendering of the chat template, its ids, the greedy continuation up to EOS or
+48 tokens); expected.npz: logits_i (float32, (vocab,)), the last prompt
+position's full logits row of plain prompt i. Run only this part with
+`--smollm2 [GGUF]`; a plain run does it after the toy fixtures when the
+verified GGUF is in the cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
 import json
 import shutil
 import sys
@@ -29,6 +45,7 @@ import torch
 import transformers
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     LlamaConfig,
     MistralConfig,
     PretrainedConfig,
@@ -39,6 +56,9 @@ from transformers import (
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from worker.toy_tokenizer import build_tokenizer  # noqa: E402
+
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+import fetch_model  # noqa: E402
 
 VOCAB = 320
 PROMPT_LENS = (1, 7, 40, 70)  # 40/70: past a 16-token KV block and a 32-token prefill chunk
@@ -357,12 +377,245 @@ def describe(
     return info
 
 
+# -- SmolLM2-135M-Instruct (the real default model, GGUF) ---------------------------------
+SMOL_PROMPTS = ("Hello, world!", "The capital of France is", "Café au lait, naïve 東京 🙂")
+SMOL_CHATS: tuple[tuple[str, list[dict[str, str]]], ...] = (
+    (
+        "system_user",
+        [
+            {"role": "system", "content": "You are a concise assistant. Answer in one sentence."},
+            {"role": "user", "content": "What is the capital of France?"},
+        ],
+    ),
+    (
+        "multi_turn",
+        [
+            {"role": "user", "content": "Hi! My name is Ada and I like chess."},
+            {"role": "assistant", "content": "Nice to meet you, Ada! Chess is a great game."},
+            {"role": "user", "content": "What is my name, and what game do I like?"},
+        ],
+    ),
+    ("non_ascii", [{"role": "user", "content": "¿Dónde está el Museo del Prado? 你好"}]),
+)
+SMOL_GREEDY = 16
+SMOL_CHAT_MAX_NEW = 48
+SMOL_TOP = 20
+
+
+def _top(row: np.ndarray, k: int = SMOL_TOP) -> dict[str, list[Any]]:
+    """The k largest logits of one row, largest first (ties: lower id first)."""
+    idx = np.argsort(-row, kind="stable")[:k]
+    return {"ids": idx.tolist(), "logits": [float(v) for v in row[idx]]}
+
+
+def _margins(rows: np.ndarray) -> list[float]:
+    top = np.sort(rows, axis=-1)[:, -2:]
+    return [float(m) for m in top[:, 1] - top[:, 0]]
+
+
+def _smol_generate(
+    model: PreTrainedModel, ids: list[int], max_new: int, eos: Any
+) -> tuple[list[int], np.ndarray]:
+    """transformers' greedy generate; an explicit all-ones mask, because this
+    model's pad id is its EOS (<|im_end|>) and generate would otherwise mask
+    every occurrence of it in the prompt."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=eos,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    tokens = out.sequences[0, len(ids) :].tolist()
+    logits = torch.stack([step[0] for step in out.logits]).float().numpy()
+    assert logits.shape[0] == len(tokens)
+    assert (logits.argmax(-1) == np.array(tokens)).all(), "step logits disagree with greedy"
+    return tokens, logits
+
+
+def _json(obj: Any, indent: str = "") -> str:
+    """Indented JSON, except that a list of scalars stays on one line (readable diffs)."""
+    inner = indent + "  "
+    if isinstance(obj, dict) and obj:
+        items = [f"{inner}{json.dumps(k)}: {_json(v, inner)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
+        return "[\n" + ",\n".join(inner + _json(v, inner) for v in obj) + "\n" + indent + "]"
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def build_smollm2(gguf_path: Path, out_dir: Path) -> None:
+    import gguf  # noqa: F401 - transformers reads the file with it; fail early if missing
+
+    gguf_path = gguf_path.resolve()
+    if not gguf_path.is_file():
+        raise SystemExit(f"smollm2: {gguf_path} not found; run scripts/fetch_model.py first")
+    digest = hashlib.sha256(gguf_path.read_bytes()).hexdigest()
+    if digest != fetch_model.GGUF_SHA256:
+        print(f"smollm2: warning: {gguf_path.name} is not the pinned file (sha256 {digest})")
+    directory, name = str(gguf_path.parent), gguf_path.name
+    tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=name, dtype=torch.float32, attn_implementation=ATTN_IMPL
+    ).eval()
+    cfg, gen = model.config, model.generation_config
+    vocab = cfg.vocab_size
+    eos = gen.eos_token_id
+
+    prompts: list[dict[str, Any]] = []
+    arrays: dict[str, np.ndarray] = {}
+    for i, text in enumerate(SMOL_PROMPTS):
+        ids = tok(text)["input_ids"]  # add_special_tokens left at the tokenizer's default
+        logits = full_logits(model, np.array(ids, dtype=np.int64))
+        greedy_ids, steps = _smol_generate(model, ids, SMOL_GREEDY, None)  # EOS off: 16 tokens
+        assert len(greedy_ids) == SMOL_GREEDY
+        recomputed = full_logits(model, np.array(ids + greedy_ids[:-1], dtype=np.int64))
+        decode_vs_full = float(np.abs(recomputed[len(ids) - 1 :] - steps).max())
+        arrays[f"logits_{i}"] = logits[-1].astype(np.float32)
+        prompts.append(
+            {
+                "text": text,
+                "ids": ids,
+                "last_logits": f"expected.npz:logits_{i}",
+                "last_top": _top(logits[-1]),
+                "greedy_ids": greedy_ids,
+                "greedy_text": tok.decode(greedy_ids),
+                "greedy_top": [_top(row) for row in steps],
+                "greedy_top2_margins": _margins(steps),
+                "max_abs_diff_cached_decode_vs_full_forward": decode_vs_full,
+                "max_abs_diff_generate_step0_vs_full_forward": float(
+                    np.abs(steps[0] - logits[-1]).max()
+                ),
+            }
+        )
+        print(f"smollm2: prompt {i}: {text!r} -> {tok.decode(greedy_ids)!r}")
+
+    chats: list[dict[str, Any]] = []
+    for chat_name, messages in SMOL_CHATS:
+        rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tok(rendered, add_special_tokens=False)["input_ids"]
+        new_ids, steps = _smol_generate(model, ids, SMOL_CHAT_MAX_NEW, eos)
+        eos_ids = eos if isinstance(eos, list) else [eos]
+        ended_on_eos = bool(new_ids) and new_ids[-1] in eos_ids
+        assert ended_on_eos or len(new_ids) == SMOL_CHAT_MAX_NEW
+        chats.append(
+            {
+                "name": chat_name,
+                "messages": messages,
+                "rendered": rendered,
+                "ids": ids,
+                "completion_ids": new_ids,
+                "completion_text": tok.decode(new_ids, skip_special_tokens=True),
+                "ended_on_eos": ended_on_eos,
+                "finish_reason": "eos" if ended_on_eos else "length",
+                "completion_top": [_top(row) for row in steps],
+                "completion_top2_margins": _margins(steps),
+            }
+        )
+        print(f"smollm2: chat {chat_name}: {len(new_ids)} tokens, eos={ended_on_eos}")
+
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    expected: dict[str, Any] = {
+        "about": (
+            "transformers' reference outputs for SmolLM2-135M-Instruct (Q4_1 GGUF, as "
+            "dequantized to float32 by transformers), written by scripts/make_fixtures.py"
+        ),
+        "model": {
+            "gguf_file": gguf_path.name,
+            "gguf_sha256": digest,
+            "gguf_size": gguf_path.stat().st_size,
+            "source": f"PyPI {fetch_model.PACKAGE}=={fetch_model.VERSION}: {fetch_model.MEMBER}",
+            "wheel_sha256": fetch_model.WHEEL_SHA256,
+        },
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "gguf": importlib.metadata.version("gguf"),
+            "tokenizers": importlib.metadata.version("tokenizers"),
+            "numpy": np.__version__,
+        },
+        "load": {
+            "tokenizer": "AutoTokenizer.from_pretrained(dir, gguf_file=name)",
+            "model": (
+                "AutoModelForCausalLM.from_pretrained(dir, gguf_file=name, dtype=torch.float32, "
+                f"attn_implementation={ATTN_IMPL!r})"
+            ),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "config": {
+            "model_type": cfg.model_type,
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.num_hidden_layers,
+            "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.num_key_value_heads,
+            "head_dim": getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads),
+            "vocab_size": vocab,
+            "max_position_embeddings": cfg.max_position_embeddings,
+            "rope_theta": rope.get("rope_theta", getattr(cfg, "rope_theta", None)),
+            "rms_norm_eps": cfg.rms_norm_eps,
+            "tie_word_embeddings": cfg.tie_word_embeddings,
+        },
+        "tokenizer": {
+            "bos": [tok.bos_token, tok.bos_token_id],
+            "eos": [tok.eos_token, tok.eos_token_id],
+            "pad": [tok.pad_token, tok.pad_token_id],
+            "unk": [tok.unk_token, tok.unk_token_id],
+            "len": len(tok),
+            "default_add_special_tokens_adds_bos": tok("a")["input_ids"][:1] == [tok.bos_token_id],
+            "chat_template": tok.chat_template,
+        },
+        "generation_config": {
+            "bos_token_id": gen.bos_token_id,
+            "eos_token_id": gen.eos_token_id,
+            "pad_token_id": gen.pad_token_id,
+        },
+        "prompts_note": (
+            f"ids: tokenizer(text) with its default add_special_tokens; greedy_ids: "
+            f"{SMOL_GREEDY} tokens of generate(do_sample=False, eos_token_id=None) with an "
+            "all-ones attention mask (so compare with ignore_eos); greedy_top[j]: the "
+            f"top-{SMOL_TOP} logits (ids, values) of the row that chose greedy_ids[j]; "
+            "expected.npz logits_i: the full float32 logits row of the last prompt position"
+        ),
+        "prompts": prompts,
+        "chats_note": (
+            "rendered: tokenizer.apply_chat_template(messages, tokenize=False, "
+            "add_generation_prompt=True); ids: tokenizer(rendered, add_special_tokens=False); "
+            f"completion_ids: greedy generate, at most {SMOL_CHAT_MAX_NEW} new tokens, stopping "
+            "at the generation config's eos_token_id (included when hit), all-ones mask"
+        ),
+        "chats": chats,
+    }
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    (out_dir / "expected.json").write_text(_json(expected) + "\n", encoding="utf-8")
+    np.savez_compressed(out_dir / "expected.npz", **arrays)
+    sizes = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}
+    print(f"smollm2: wrote {out_dir}: {sizes}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "tests" / "fixtures")
+    ap.add_argument(
+        "--smollm2",
+        type=Path,
+        nargs="?",
+        const=fetch_model.cache_dir() / fetch_model.GGUF_NAME,
+        default=None,
+        metavar="GGUF",
+        help="write only OUT/smollm2/ from this GGUF (default: the one fetch_model.py caches)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)  # fixed reduction order, so reruns give the same bits
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.smollm2 is not None:
+        build_smollm2(args.smollm2, args.out / "smollm2")
+        return
     manifest: dict[str, Any] = {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -375,6 +628,11 @@ def main() -> None:
         manifest["fixtures"][fx.name] = build_fixture(fx, args.out / fx.name)
         print(f"{fx.name}: ok")
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    cached = fetch_model.cache_dir() / fetch_model.GGUF_NAME
+    if fetch_model.is_verified(cached):
+        build_smollm2(cached, args.out / "smollm2")
+    else:
+        print(f"smollm2: skipped, {cached} is missing (scripts/fetch_model.py fetches it)")
 
 
 if __name__ == "__main__":

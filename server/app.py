@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from pathlib import Path
 
 import grpc
@@ -24,25 +25,40 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 
 
 async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM / SIGINT, then drain and return (the process exits 0)."""
+    """Run until SIGTERM / SIGINT, then drain and return (the process exits 0).
+
+    SystemExit with the reason when it cannot serve at all: the model path is
+    missing, the port is taken, or no worker could load the model.
+    """
     if not Path(config.model).exists():
         raise SystemExit(f"--model {config.model}: no such file or directory")
-    engine = WorkerPool(config.model, config.engine, config.workers, config.ring_bytes)
+    stop = asyncio.Event()
+    fatal: list[str] = []
+
+    def give_up(reason: str) -> None:
+        fatal.append(reason)
+        stop.set()
+
+    engine = WorkerPool(config.model, config.engine, config.workers, config.ring_bytes, give_up)
     frontend = Frontend(config, engine)
 
     # Metrics first: the outermost interceptor also counts the calls auth refuses.
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(frontend.metrics)]
     if config.auth_token:
         interceptors.append(AuthInterceptor(config.auth_token))
-    server = grpc.aio.server(interceptors=interceptors)
+    # No SO_REUSEPORT: a second server on a taken port must fail, not share it silently.
+    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(frontend), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    address = f"{config.host}:{config.port}"
-    server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+    except RuntimeError as err:  # grpc reports a taken port this way
+        raise SystemExit(f"--port {config.port} on {config.host}: {err}") from None
+    address = f"{config.host}:{port}"
 
     serving, not_serving = (
         health_pb2.HealthCheckResponse.SERVING,
@@ -66,7 +82,6 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     frontend.start()
     log.info("shoal listening on %s (model %s, %d workers)", address, config.model, config.workers)
 
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -78,11 +93,17 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     await frontend.drain()
     await server.stop(grace=1.0)
     frontend.metrics.close()
+    if fatal:
+        raise SystemExit(f"shoal: {fatal[0]}")
     log.info("stopped")
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = ServerConfig.from_args(argv)
+    try:
+        config = ServerConfig.from_args(argv)
+    except ValueError as err:
+        print(f"python -m server: {err}", file=sys.stderr)
+        return 2
     logs.configure(config.log_level, config.log_format)
     asyncio.run(serve(config))
     return 0

@@ -1,4 +1,4 @@
-"""Request validation on plain values: every entry point (gRPC, JSONL, HTTP) checks here.
+"""Request validation on plain values: every entry point (gRPC, JSONL) checks here.
 
 An edge turns its own format into `RequestFields` (the GenerateRequest field
 names, plain Python values): the gRPC servicer from protobuf, `from_json` from
@@ -90,11 +90,11 @@ def validate(request: RequestFields, limits: Limits, prompts: Prompts) -> Valida
             f"max_new_tokens must be in [1, {limits.max_new_tokens_limit}] (got {max_new})"
         )
     if not (math.isfinite(r.temperature) and r.temperature >= 0):
-        raise InvalidRequest(f"temperature must be finite and >= 0 (got {r.temperature})")
+        raise InvalidRequest(f"temperature must be finite and >= 0 (got {r.temperature:.7g})")
     for name in ("top_p", "min_p"):
         value = getattr(r, name)
         if not 0 <= value <= 1:  # also false for NaN
-            raise InvalidRequest(f"{name} must be in [0, 1] (got {value})")
+            raise InvalidRequest(f"{name} must be in [0, 1] (got {value:.7g})")
     if not 0 <= r.top_k <= limits.vocab_size:
         raise InvalidRequest(f"top_k must be in [0, {limits.vocab_size}] (the vocab size)")
     if r.seed is not None and not 0 <= r.seed < UINT64:

@@ -19,12 +19,13 @@ import os
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import worker.channel
 from worker.channel.client import EngineEvents
-from worker.channel.messages import Message, Shutdown, decode, encode
+from worker.channel.messages import Message, Ready, Shutdown, decode, encode
 from worker.channel.ring import Doorbell, Ring, segment_name, sweep_stale_segments
 from worker.channel.types import EngineConfig, WorkerArgs
 
@@ -53,19 +54,26 @@ class WorkerHandle:
     inbox_bell: Doorbell
     outbox_bell: Doorbell
     backlog: deque[bytes] = field(default_factory=deque)  # encoded, waiting for inbox room
+    became_ready: bool = False
 
 
 class WorkerPool:
     """An EngineClient over `num_workers` worker processes."""
 
     def __init__(
-        self, model_dir: str, engine: EngineConfig, num_workers: int, ring_bytes: int
+        self,
+        model_dir: str,
+        engine: EngineConfig,
+        num_workers: int,
+        ring_bytes: int,
+        on_fatal: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.model_dir = model_dir
         self.engine = engine
         self.num_workers = num_workers
         self.ring_bytes = ring_bytes
         self.workers: dict[int, WorkerHandle] = {}
+        self.on_fatal = on_fatal  # called once no worker can ever serve (none could start)
         self.restarts = 0
         self.stopping = False
         self._events: EngineEvents | None = None
@@ -121,19 +129,30 @@ class WorkerPool:
         assert self._events is not None
         handle.outbox_bell.drain()
         for raw in handle.outbox.read_messages():
-            self._events.deliver(handle.index, decode(raw))
+            message = decode(raw)
+            handle.became_ready |= isinstance(message, Ready)
+            self._events.deliver(handle.index, message)
 
     def _died(self, handle: WorkerHandle) -> None:
         assert self._events is not None
         self._drain(handle)  # whatever it wrote before dying still counts
         self._forget(handle)
         reason = f"worker {handle.index} died (exit code {handle.process.returncode})"
-        if not self.stopping:
-            log.error("%s; restarting it", reason)
         self._events.died(handle.index, reason)
-        if not self.stopping:
-            self.restarts += 1
-            self._spawn(handle.index)
+        if self.stopping:
+            return
+        if not handle.became_ready:  # it would only fail the same way again
+            log.error(
+                "worker %d could not start (exit code %s); not restarting it",
+                handle.index,
+                handle.process.returncode,
+            )
+            if not self.workers:
+                self.on_fatal(f"no worker could load {self.model_dir} (see the log above)")
+            return
+        log.error("%s; restarting it", reason)
+        self.restarts += 1
+        self._spawn(handle.index)
 
     def _forget(self, handle: WorkerHandle) -> None:
         assert self._loop is not None

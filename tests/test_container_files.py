@@ -43,7 +43,12 @@ def test_dockerfile_shape() -> None:
     assert ins[-1] == ("CMD", '["python", "-m", "server"]')
     runs = " ".join(rest for kw, rest in ins if kw == "RUN")
     assert "--no-build-isolation ." in runs and "shoal.v1.inference_pb2_grpc" in runs
-    assert "worker.random_checkpoint --preset default --out /models/default" in runs
+    # The default model as `make model` gets it (the real GGUF, or the random fallback),
+    # at build and again at start when /models is an empty volume.
+    assert ("COPY", "scripts/fetch_model.py ./scripts/fetch_model.py") in ins
+    assert "python scripts/fetch_model.py --out /models/default" in runs
+    entrypoint = " ".join(rest for kw, rest in ins if kw == "ENTRYPOINT")
+    assert "/app/scripts/fetch_model.py --out /models/default" in entrypoint
 
 
 def test_dockerfile_env_names_are_server_settings() -> None:
@@ -59,8 +64,10 @@ def test_dockerfile_env_names_are_server_settings() -> None:
 
 
 def test_dockerignore_keeps_local_state_out() -> None:
-    lines = set((ROOT / ".dockerignore").read_text().split())
-    assert {".git", ".venv", "models"} <= lines
+    lines = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "models"} <= set(lines)
+    # scripts/ stays out except the fetcher the Dockerfile copies (a later `!` line re-includes)
+    assert lines.index("!scripts/fetch_model.py") > lines.index("scripts")
 
 
 @pytest.fixture(scope="module")

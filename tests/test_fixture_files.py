@@ -3,10 +3,15 @@
 Why: the numerical tests trust these files; a truncated shard, a wrong key or
 a stale manifest should fail here with a clear message, not as a logits
 mismatch. Only numpy/safetensors/tokenizers: torch is never a test dependency.
+
+smollm2/ holds no checkpoint, only transformers' outputs for the real default
+model (expected.json, expected.npz); its GGUF is fetched by
+scripts/fetch_model.py and never committed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import struct
 from pathlib import Path
@@ -122,3 +127,90 @@ def test_fixture_files(name: str) -> None:
         assert greedy_logits.shape == (NEW_TOKENS, vocab)
         assert np.isfinite(logits).all() and np.isfinite(greedy_logits).all()
         np.testing.assert_array_equal(greedy_logits.argmax(-1), greedy)
+
+
+# -- smollm2/: transformers' outputs for the real default model (SmolLM2-135M-Instruct GGUF) --
+SMOL = FIXTURES / "smollm2"
+SMOL_PROMPTS, SMOL_GREEDY, SMOL_CHATS, SMOL_CHAT_MAX_NEW, SMOL_TOP = 3, 16, 3, 48, 20
+
+
+@pytest.fixture(scope="module")
+def smol() -> dict[str, Any]:
+    return json.loads((SMOL / "expected.json").read_text(encoding="utf-8"))
+
+
+def load_fetch_model() -> Any:
+    path = FIXTURES.parent.parent / "scripts" / "fetch_model.py"
+    spec = importlib.util.spec_from_file_location("fetch_model", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_top(top: dict[str, list[Any]], chosen: int, vocab: int) -> None:
+    ids, values = top["ids"], top["logits"]
+    assert len(ids) == len(values) == SMOL_TOP and len(set(ids)) == SMOL_TOP
+    assert all(0 <= i < vocab for i in ids) and ids[0] == chosen
+    assert values == sorted(values, reverse=True)
+
+
+def test_smollm2_files_are_small_and_pinned(smol: dict[str, Any]) -> None:
+    """Only the reference outputs are committed (never the 98 MB GGUF), and they name it."""
+    assert sorted(p.name for p in SMOL.iterdir()) == ["expected.json", "expected.npz"]
+    assert sum(p.stat().st_size for p in SMOL.iterdir()) < 2_000_000
+    fetch_model = load_fetch_model()
+    model = smol["model"]
+    assert model["gguf_file"] == fetch_model.GGUF_NAME
+    assert model["gguf_sha256"] == fetch_model.GGUF_SHA256  # the file `make model` fetches
+    assert model["wheel_sha256"] == fetch_model.WHEEL_SHA256
+    assert {"torch", "transformers", "gguf"} <= set(smol["versions"])
+    assert smol["config"]["vocab_size"] == 49152 and smol["config"]["num_hidden_layers"] == 30
+
+
+def test_smollm2_prompts(smol: dict[str, Any]) -> None:
+    vocab = smol["config"]["vocab_size"]
+    with np.load(SMOL / "expected.npz") as npz:
+        logits = dict(npz)
+    assert set(logits) == {f"logits_{i}" for i in range(SMOL_PROMPTS)}
+    prompts = smol["prompts"]
+    assert len(prompts) == SMOL_PROMPTS
+    assert any(not p["text"].isascii() for p in prompts)
+    for i, p in enumerate(prompts):
+        row = logits[p["last_logits"].split(":")[1]]
+        assert p["last_logits"] == f"expected.npz:logits_{i}"
+        assert row.dtype == np.float32 and row.shape == (vocab,) and np.isfinite(row).all()
+        assert p["ids"] and all(0 <= t < vocab for t in p["ids"])
+        check_top(p["last_top"], int(row.argmax()), vocab)
+        np.testing.assert_array_equal(row[p["last_top"]["ids"]], p["last_top"]["logits"])
+        greedy = p["greedy_ids"]
+        assert len(greedy) == len(p["greedy_top"]) == SMOL_GREEDY
+        for token, top in zip(greedy, p["greedy_top"], strict=True):
+            check_top(top, token, vocab)
+        # generate's first step is the same forward as the full-prompt pass
+        np.testing.assert_allclose(
+            p["greedy_top"][0]["logits"], row[p["greedy_top"][0]["ids"]], rtol=0, atol=1e-3
+        )
+
+
+def test_smollm2_chats(smol: dict[str, Any]) -> None:
+    vocab = smol["config"]["vocab_size"]
+    eos = smol["generation_config"]["eos_token_id"]
+    eos_ids = eos if isinstance(eos, list) else [eos]
+    chats = smol["chats"]
+    assert len(chats) == SMOL_CHATS
+    roles = [[m["role"] for m in c["messages"]] for c in chats]
+    assert ["system", "user"] in roles and ["user", "assistant", "user"] in roles
+    assert any(not m["content"].isascii() for c in chats for m in c["messages"])
+    for c in chats:
+        assert c["rendered"].endswith("<|im_start|>assistant\n")
+        assert all(m["content"] in c["rendered"] for m in c["messages"])
+        assert c["ids"] and all(0 <= t < vocab for t in c["ids"])
+        new = c["completion_ids"]
+        assert 0 < len(new) <= SMOL_CHAT_MAX_NEW and len(c["completion_top"]) == len(new)
+        assert c["ended_on_eos"] == (new[-1] in eos_ids)
+        assert c["finish_reason"] == ("eos" if c["ended_on_eos"] else "length")
+        assert c["ended_on_eos"] or len(new) == SMOL_CHAT_MAX_NEW
+        assert not any(t in eos_ids for t in new[:-1])
+        for token, top in zip(new, c["completion_top"], strict=True):
+            check_top(top, token, vocab)

@@ -25,7 +25,7 @@ from typing import Any
 from server.config import ServerConfig
 from server.frontend import Frontend
 from server.requests import RequestError, RequestState
-from server.validation import from_json, validate
+from server.validation import InvalidRequest, from_json, validate
 from worker.batch_processor import BatchProcessor
 from worker.channel.types import DEFAULT_KV_CACHE_MB
 from worker.engine_core import EngineCore
@@ -59,7 +59,10 @@ def read_lines(path: Path) -> list[tuple[int, str]]:
 
 def submit_line(front: Frontend, line_no: int, line: str) -> RequestState:
     """Parse, validate and queue one line; InvalidRequest / ValueError names the field."""
-    obj = json.loads(line)
+    try:
+        obj = json.loads(line)
+    except ValueError as err:
+        raise InvalidRequest(f"not a JSON object ({err})") from None
     if isinstance(obj, dict) and not obj.get("request_id"):
         obj = {**obj, "request_id": f"line-{line_no}"}
     request = validate(from_json(obj), front.limits(), front.prompts)
@@ -88,8 +91,12 @@ async def collect(state: RequestState, progress: ProgressBar) -> dict[str, Any]:
     }
 
 
-async def run(args: argparse.Namespace, config: ServerConfig, lines: list[tuple[int, str]]) -> int:
-    processor = BatchProcessor.from_model_dir(args.model, config.engine)
+async def run(
+    args: argparse.Namespace,
+    config: ServerConfig,
+    lines: list[tuple[int, str]],
+    processor: BatchProcessor,
+) -> int:
     front = Frontend(config, InProcessEngine(EngineCore(processor)))
     front.start()
     while not front.serving:
@@ -134,9 +141,12 @@ def _line_id(line: str, line_no: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when every line succeeded, 1 when some failed, 2 when nothing could run."""
     args = parse_args(argv)
-    lines = read_lines(args.input)
     try:
+        lines = read_lines(args.input)
+        if not args.output.parent.is_dir():
+            raise FileNotFoundError(f"--output {args.output}: no such directory")
         config = ServerConfig(
             model=str(args.model),
             device=args.device,
@@ -147,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
             retention_count=max(1, len(lines)),
             batch_timeout_ms=0,
         )
-    except ValueError as err:
+        processor = BatchProcessor.from_model_dir(args.model, config.engine)
+    except (ValueError, OSError, RuntimeError) as err:  # CheckpointError is a ValueError
         print(f"python -m worker.batch: {err}", file=sys.stderr)
         return 2
-    return asyncio.run(run(args, config, lines))
+    return asyncio.run(run(args, config, lines, processor))
 
 
 if __name__ == "__main__":

@@ -218,8 +218,32 @@ class Checkpoint:
     chat_template: ChatTemplate | None = None
 
 
+def gguf_file(model_path: Path) -> Path | None:
+    """The GGUF file `model_path` names: itself if a `.gguf` file, or the one `*.gguf` of
+    a directory without config.json. None for a Hugging Face directory (or nothing)."""
+    if model_path.is_file() and model_path.suffix.lower() == ".gguf":
+        return model_path
+    if not model_path.is_dir() or (model_path / "config.json").exists():
+        return None
+    found = sorted(p for p in model_path.glob("*.gguf") if p.is_file())
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise CheckpointError(
+            f"{model_path}: several GGUF files and no config.json ({names}); pass one file"
+        )
+    return found[0] if found else None
+
+
 def load_checkpoint(model_dir: str | Path, backend: Backend) -> Checkpoint:
+    """A Hugging Face directory, a `.gguf` file, or a directory holding exactly one `.gguf`."""
     model_dir = Path(model_dir)
+    gguf_path = gguf_file(model_dir)
+    if gguf_path is not None:
+        from worker.gguf_checkpoint import load_gguf_checkpoint  # needs the `gguf` package
+
+        return load_gguf_checkpoint(gguf_path, backend)
+    if model_dir.is_file():
+        raise CheckpointError(f"{model_dir}: not a model directory or a .gguf file")
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: model directory does not exist")
     config = load_model_config(model_dir)

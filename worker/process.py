@@ -28,6 +28,7 @@ from worker.channel.types import WorkerArgs
 if TYPE_CHECKING:
     from worker.engine_core import EngineCore
 
+LOAD_FAILED = 3  # exit status of a worker that could not load its model (see the log line)
 IDLE_WAIT_S = 1.0  # an idle worker still wakes now and then, to notice a vanished front
 FULL_RING_WAIT_S = 0.0005
 
@@ -82,8 +83,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from worker.batch_processor import BatchProcessor  # NumPy: after the thread caps
     from worker.engine_core import EngineCore
+    from worker.model_config import CheckpointError
 
-    core = EngineCore(BatchProcessor.from_model_dir(args.model_dir, args.engine))
+    try:
+        core = EngineCore(BatchProcessor.from_model_dir(args.model_dir, args.engine))
+    except (CheckpointError, RuntimeError, ValueError, OSError) as err:
+        logging.getLogger("shoal.worker").error("could not load the model: %s", err)
+        return LOAD_FAILED
     loop = WorkerLoop(core, args)
     try:
         loop.run()

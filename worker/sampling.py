@@ -66,10 +66,16 @@ def filtered_probs(
 
 
 def sample_from(xp: Any, order: Array, probs: Array, uniform: Array) -> Array:
-    """Inverse CDF: the first ranked token whose cumulative mass exceeds u * total."""
+    """Inverse CDF: the first ranked token whose cumulative mass exceeds u * total.
+
+    The kept tokens are a prefix of the ranking (every filter keeps the most
+    likely ones), so the pick is clamped to the last kept token: a uniform that
+    rounds up to 1.0 in float32 still picks a token the filters kept.
+    """
     cdf = xp.cumsum(probs, axis=-1)  # (rows, vocab)
     threshold = uniform[:, None] * cdf[:, -1:]  # (rows, 1)
-    pick = xp.minimum((cdf <= threshold).sum(axis=-1), probs.shape[-1] - 1)  # (rows,)
+    kept = (probs > 0).sum(axis=-1)  # (rows,) >= 1: the most likely token is always kept
+    pick = xp.minimum((cdf <= threshold).sum(axis=-1), kept - 1)  # (rows,)
     return xp.take_along_axis(order, pick[:, None], axis=-1)[:, 0]
 
 

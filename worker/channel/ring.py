@@ -33,7 +33,7 @@ import select
 import struct
 import uuid
 from collections.abc import Iterator
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 SEGMENT_PREFIX = "shoal-"
@@ -66,7 +66,11 @@ class Ring:
 
     @classmethod
     def attach(cls, name: str) -> Ring:
+        """Open a segment the other side created; its creator alone unlinks it."""
         shm = shared_memory.SharedMemory(name=name, create=False)
+        # Python < 3.13 registers even an attached segment with this process's resource
+        # tracker, which would unlink it (and warn) when this process exits.
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
         return cls(shm, shm.size - _HEADER_BYTES)
 
     @property
