@@ -60,7 +60,8 @@ model: | $(STAMP)
 
 run: install model
 	@echo "shoal: serving $(MODEL) on 127.0.0.1:$(PORT) (Ctrl-C drains and stops). In another shell:"
-	@echo "  .venv/bin/python -m client generate 'Hello, shoal' --stream --max-new-tokens 32"
+	@echo "  .venv/bin/shoal chat      # then ask: What is the capital of France?"
+	@echo "  .venv/bin/shoal generate 'Once upon a time' --stream --max-new-tokens 32"
 	@echo "  .venv/bin/python -m client stats"
 	@echo "  grpcurl -plaintext 127.0.0.1:$(PORT) list    # reflection: no .proto needed"
 	$(BIN)/python -m server --model $(MODEL) --host 127.0.0.1 --port $(PORT)
