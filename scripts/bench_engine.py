@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import fetch_model
 import numpy as np
 from bench_common import (
     Engine,
@@ -265,7 +266,13 @@ def profile_decode(eng: Engine, plan: Plan) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--model", type=Path, default=None, help="default: random smollm2-135m")
+    ap.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="default: the real default model (make model's GGUF, dequantized to fp32 at "
+        "load); a random checkpoint of the same shape when it cannot be fetched",
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     ap.add_argument("--batch-sizes", default=None, help="comma-separated; default 1,2,...,64")
     ap.add_argument("--requests", type=int, default=None, help="continuous vs static: requests")
@@ -276,13 +283,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def default_model() -> Path:
+    """The GGUF `make model` fetches; offline, a random checkpoint of its shape (same speed)."""
+    try:
+        return fetch_model.fetch_gguf(log=lambda line: print(line, file=sys.stderr))
+    except fetch_model.FetchError as err:
+        print(f"# real model unavailable ({err}); using random weights", file=sys.stderr)
+        return write_checkpoint(default_cache_dir() / "smollm2-135m-random", "smollm2-135m")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = make_plan(args)
     backend = select_backend(args.device)
-    model_dir = args.model or write_checkpoint(
-        default_cache_dir() / "smollm2-135m-random", "smollm2-135m"
-    )
+    model_dir = args.model or default_model()
     eng = Engine(load_checkpoint(model_dir, backend), backend)
     print(f"# Engine benchmark: {model_dir} ({eng.params / 1e6:.1f}M params), {backend.describe()}")
 
