@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server import logs
 from server.config import ServerConfig
 from server.frontend import Frontend
+from server.http_api import build_http_app, served_model_id
 from server.servicer import AuthInterceptor, InferenceServicer, MetricsInterceptor
 from server.worker_pool import WorkerPool
 from shoal.v1 import inference_pb2 as pb
@@ -78,6 +83,7 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
         except OSError as err:
             raise SystemExit(f"metrics port {config.metrics_port}: {err}") from err
         log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
+    http = start_http(config, frontend) if config.http_port else None
     await server.start()
     frontend.start()
     log.info("shoal listening on %s (model %s, %d workers)", address, config.model, config.workers)
@@ -91,11 +97,55 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
 
     log.info("draining: up to %.0f s for running requests", config.drain_grace_s)
     await frontend.drain()
+    if http is not None:
+        await http.stop()
     await server.stop(grace=1.0)
     frontend.metrics.close()
     if fatal:
         raise SystemExit(f"shoal: {fatal[0]}")
     log.info("stopped")
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn inside our loop: the front owns SIGTERM / SIGINT (drain), not uvicorn."""
+
+    def install_signal_handlers(self) -> None:  # uvicorn < 0.29
+        pass
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:  # uvicorn >= 0.29
+        yield
+
+
+class HttpFront:
+    """The OpenAI-compatible API on its own port, served in this event loop."""
+
+    def __init__(self, server: uvicorn.Server, task: asyncio.Task) -> None:
+        self.server, self.task = server, task
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        await self.task
+
+
+def start_http(config: ServerConfig, frontend: Frontend) -> HttpFront:
+    """Bind the port now (a taken port fails the start) and serve it in the background."""
+    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.host, config.http_port))
+    except OSError as err:
+        raise SystemExit(f"--http-port {config.http_port} on {config.host}: {err}") from None
+    model_id = config.served_model_name or served_model_id(config.model)
+    app = build_http_app(frontend, model_id, config.auth_token)
+    uv = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+    server = _QuietServer(uv)
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    host, port = sock.getsockname()[:2]
+    log.info(
+        "OpenAI-compatible API and chat page on http://%s:%d/ (model id %s)", host, port, model_id
+    )
+    return HttpFront(server, task)
 
 
 def main(argv: list[str] | None = None) -> int:

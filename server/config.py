@@ -25,6 +25,11 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "model": ("MODEL", "model directory (config.json, *.safetensors, tokenizer.json)"),
     "host": ("HOST", "address to listen on"),
     "port": ("PORT", "gRPC port (0 = pick a free one)"),
+    "http_port": ("HTTP_PORT", "OpenAI-compatible HTTP API and chat page port (0 = off)"),
+    "served_model_name": (
+        "SERVED_MODEL_NAME",
+        "model id of the HTTP API (default: the model's file or directory name)",
+    ),
     "workers": ("NUM_WORKERS", "worker processes"),
     "device": ("DEVICE", "auto, cpu or cuda"),
     "max_batch_size": ("BATCH_SIZE", "running sequences per worker"),
@@ -50,6 +55,8 @@ class ServerConfig:
     model: str
     host: str = "127.0.0.1"
     port: int = 50051
+    http_port: int = 8000  # 0 = no HTTP API
+    served_model_name: str = ""
     workers: int = 1
     device: str = "auto"
     max_batch_size: int = 32
@@ -73,7 +80,7 @@ class ServerConfig:
             raise ValueError(_named("model", "must be set"))
         if not self.host:
             raise ValueError(_named("host", "must not be empty"))
-        for name in ("port", "metrics_port"):
+        for name in ("port", "http_port", "metrics_port"):
             _check(name, getattr(self, name), lambda v: 0 <= v <= MAX_PORT, f"in [0, {MAX_PORT}]")
         for name in ("workers", "max_queue_len", "max_new_tokens_limit", "ring_mb"):
             _check(name, getattr(self, name), lambda v: v >= 1, ">= 1")
@@ -89,8 +96,15 @@ class ServerConfig:
             raise ValueError(_named("log_level", f"must be one of {', '.join(LOG_LEVELS)}"))
         if self.log_format not in LOG_FORMATS:
             raise ValueError(_named("log_format", f"must be one of {', '.join(LOG_FORMATS)}"))
-        if self.metrics_port and self.metrics_port == self.port:
-            raise ValueError(_named("metrics_port", f"must differ from port (got {self.port})"))
+        ports = [
+            ("port", self.port),
+            ("http_port", self.http_port),
+            ("metrics_port", self.metrics_port),
+        ]
+        for i, (name, value) in enumerate(ports):
+            for other, taken in ports[:i]:
+                if value and value == taken:
+                    raise ValueError(_named(name, f"must differ from {other} (got {value})"))
 
     @property
     def engine(self) -> EngineConfig:

@@ -61,6 +61,12 @@ class Metrics:
         self.requests = Counter(
             "shoal_requests", "Inference RPCs by method and status", ("rpc", "code"), registry=r
         )
+        self.http_requests = Counter(
+            "shoal_http_requests",
+            "HTTP requests (OpenAI API, health, page) by route and status",
+            ("route", "code"),
+            registry=r,
+        )
         self.finished = Counter(
             "shoal_requests_finished",
             "Requests finished, by reason (length, stop, eos, cancelled, error)",
@@ -135,6 +141,9 @@ class Metrics:
     # -- requests ----------------------------------------------------------------------
     def rpc_done(self, rpc: str, code: str) -> None:
         self.requests.labels(rpc, code).inc()
+
+    def http_done(self, route: str, status: int) -> None:
+        self.http_requests.labels(route, str(status)).inc()
 
     def dispatched(self, state: RequestState) -> None:
         priority = state.request.priority.name.lower()

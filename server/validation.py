@@ -46,7 +46,7 @@ class RequestFields:
     prompt: str | None = None
     prompt_token_ids: Sequence[int] = ()
     messages: Sequence[Mapping[str, Any]] = ()  # {"role": ..., "content": ...}
-    max_new_tokens: int = 0
+    max_new_tokens: int | None = 0  # None: as many as the context leaves (HTTP's default)
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 0.0
@@ -84,10 +84,10 @@ def validate(request: RequestFields, limits: Limits, prompts: Prompts) -> Valida
     r = request
     request_id = _request_id(r.request_id, limits)
     priority = _priority(r.priority)
-    max_new = r.max_new_tokens
-    if not 1 <= max_new <= limits.max_new_tokens_limit:
+    if r.max_new_tokens is not None and not 1 <= r.max_new_tokens <= limits.max_new_tokens_limit:
         raise InvalidRequest(
-            f"max_new_tokens must be in [1, {limits.max_new_tokens_limit}] (got {max_new})"
+            f"max_new_tokens must be in [1, {limits.max_new_tokens_limit}] "
+            f"(got {r.max_new_tokens})"
         )
     if not (math.isfinite(r.temperature) and r.temperature >= 0):
         raise InvalidRequest(f"temperature must be finite and >= 0 (got {r.temperature:.7g})")
@@ -102,6 +102,9 @@ def validate(request: RequestFields, limits: Limits, prompts: Prompts) -> Valida
     stop = _stop_strings(r.stop, limits)
     stop_token_ids = _stop_token_ids(r.stop_token_ids, limits)
     prompt_ids = _prompt_ids(r, limits, prompts)
+    max_new = r.max_new_tokens
+    if max_new is None:
+        max_new = max(1, min(limits.max_new_tokens_limit, limits.max_context - len(prompt_ids)))
     if len(prompt_ids) + max_new > limits.max_context:
         raise InvalidRequest(
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}) must fit the "

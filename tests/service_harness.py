@@ -99,6 +99,7 @@ class RunningServer:
     process: subprocess.Popen
     target: str
     log: Path
+    http: str = ""  # http://127.0.0.1:PORT when started with --http-port, else ""
 
     def stub(self) -> pb_grpc.InferenceStub:
         return pb_grpc.InferenceStub(grpc.insecure_channel(self.target))
@@ -121,8 +122,14 @@ class RunningServer:
             raise
 
 
-def start_server(model: Path, log: Path, *flags: str, timeout: float = 90) -> RunningServer:
+def start_server(
+    model: Path, log: Path, *flags: str, timeout: float = 90, http: bool = False
+) -> RunningServer:
+    """A server on free loopback ports; the HTTP API only with `http=True` (or a --http-port)."""
     port = free_port()
+    if "--http-port" not in flags:
+        flags = (*flags, "--http-port", str(free_port()) if http else "0")
+    http_port = int(flags[flags.index("--http-port") + 1])
     args = [
         sys.executable,
         "-m",
@@ -140,7 +147,8 @@ def start_server(model: Path, log: Path, *flags: str, timeout: float = 90) -> Ru
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with log.open("w") as out:
         process = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
-    server = RunningServer(process, f"127.0.0.1:{port}", log)
+    base = f"http://127.0.0.1:{http_port}" if http_port else ""
+    server = RunningServer(process, f"127.0.0.1:{port}", log, base)
 
     def serving() -> bool:
         if process.poll() is not None:

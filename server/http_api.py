@@ -1,0 +1,307 @@
+"""The OpenAI-compatible HTTP edge: FastAPI routes over the same Frontend as gRPC.
+
+    GET  /v1/models               the served model
+    POST /v1/completions          prompt(s) -> text choices; `stream` as server-sent events
+    POST /v1/chat/completions     messages (the model's chat template) -> message choices
+    GET  /health                  200 while serving, else 503
+    GET  /stats                   queue and load, for the chat page's live panel
+    GET  /                        the chat page (server/static)
+
+Bodies and responses follow OpenAI's API reference; errors are OpenAI error
+objects (`{"error": {"message", "type", "param", "code"}}`) with 400, 401,
+404, 429 or 503. JSON becomes `RequestFields` (server/openai_schema.py) and
+goes through the one validation, queue and workers. Served by uvicorn in the
+front's event loop (server/app.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from server.frontend import Frontend, Unavailable
+from server.openai_schema import ChatRequest, CompletionRequest, to_fields
+from server.pending_queue import QueueFull
+from server.requests import DuplicateRequestId, RequestError, RequestState
+from server.validation import InvalidRequest, validate
+from worker.channel.types import FinishReason
+
+STATIC = Path(__file__).parent / "static"
+FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
+# What a RequestFields name is called in an HTTP body, so errors name the field sent.
+HTTP_NAMES = {"max_new_tokens": "max_tokens", "prompt_token_ids": "prompt"}
+STATUS = {"INVALID_ARGUMENT": 400, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.param = status, kind, param
+
+    def body(self) -> dict[str, Any]:
+        error = {"message": str(self), "type": self.kind, "param": self.param, "code": None}
+        return {"error": error}
+
+
+def invalid(message: str) -> ApiError:
+    for name, http in HTTP_NAMES.items():
+        message = re.sub(rf"\b{name}\b", http, message)
+    param = re.match(r"[a-z_]+", message)
+    return ApiError(400, message, "invalid_request_error", param.group(0) if param else None)
+
+
+def served_model_id(model: str) -> str:
+    """The file or directory name (a directory's single .gguf, if that is what it holds)."""
+    path = Path(model)
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if len(ggufs) == 1 and not (path / "config.json").exists():
+        path = ggufs[0]
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+class HttpApi:
+    def __init__(self, frontend: Frontend, model_id: str) -> None:
+        self.frontend = frontend
+        self.model_id = model_id
+        self.created = int(time.time())
+        self._rate = (time.monotonic(), 0)  # (when, total tokens) of the last /stats
+        # Names the build and the backend: answers may differ when either changes.
+        self.fingerprint = f"shoal-{version('shoal')}"
+
+    # -- requests ----------------------------------------------------------------------
+    def submit(self, body: CompletionRequest | ChatRequest) -> list[RequestState]:
+        """Validate and queue every choice of every prompt, or none of them."""
+        if body.model and body.model != self.model_id:
+            message = f"The model `{body.model}` does not exist (this server has {self.model_id})"
+            raise ApiError(404, message, "invalid_request_error", "model")
+        front = self.frontend
+        if not front.serving:
+            reason = "server is draining" if front.draining else "no worker is ready"
+            raise ApiError(503, reason, "service_unavailable")
+        states: list[RequestState] = []
+        try:
+            for choices in to_fields(body):
+                for fields in choices:
+                    states.append(front.submit(validate(fields, front.limits(), front.prompts)))
+        except Exception as err:
+            for state in states:
+                front.cancel(state.request_id)
+            if isinstance(err, InvalidRequest | DuplicateRequestId):
+                raise invalid(str(err)) from None
+            if isinstance(err, QueueFull):
+                raise ApiError(429, str(err), "rate_limit_error") from None
+            if isinstance(err, Unavailable):
+                raise ApiError(503, str(err), "service_unavailable") from None
+            raise
+        return states
+
+    def cancel(self, states: list[RequestState]) -> None:
+        for state in states:
+            if not state.finished:
+                self.frontend.cancel(state.request_id)
+
+    # -- responses ---------------------------------------------------------------------
+    def envelope(self, rid: str, obj: str) -> dict[str, Any]:
+        return {
+            "id": rid,
+            "object": obj,
+            "created": int(time.time()),
+            "model": self.model_id,
+            "system_fingerprint": self.fingerprint,
+        }
+
+    @staticmethod
+    def usage(states: list[RequestState], n: int) -> dict[str, int]:
+        """Each prompt counted once (its `n` choices follow each other), as OpenAI counts."""
+        prompt = sum(len(s.request.prompt_ids) for s in states[::n])
+        completion = sum(len(s.token_ids) for s in states)
+        total = prompt + completion
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+
+    async def complete(self, body: CompletionRequest | ChatRequest) -> dict[str, Any]:
+        states = self.submit(body)
+        try:
+            texts = await asyncio.gather(*(_collect(s) for s in states))
+        finally:
+            self.cancel(states)  # only if this call itself was cancelled
+        chat = isinstance(body, ChatRequest)
+        reply = self.envelope(_id(chat), "chat.completion" if chat else "text_completion")
+        reply["choices"] = [
+            {"index": i, "finish_reason": FINISH.get(s.finish_reason, "stop"), "logprobs": None}
+            | ({"message": {"role": "assistant", "content": t}} if chat else {"text": t})
+            for i, (s, t) in enumerate(zip(states, texts, strict=True))
+        ]
+        reply["usage"] = self.usage(states, body.n)
+        return reply
+
+    async def stream(self, body: CompletionRequest | ChatRequest) -> AsyncIterator[str]:
+        states = self.submit(body)  # errors before the first byte become a JSON error
+        chat = isinstance(body, ChatRequest)
+        head = self.envelope(_id(chat), "chat.completion.chunk" if chat else "text_completion")
+
+        def event(choices: list[dict[str, Any]], **extra: Any) -> str:
+            return f"data: {json.dumps(head | {'choices': choices} | extra)}\n\n"
+
+        async def generate() -> AsyncIterator[str]:
+            queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+            followers = [asyncio.create_task(_follow(i, s, queue)) for i, s in enumerate(states)]
+            try:
+                if chat:
+                    role = {"role": "assistant", "content": ""}
+                    yield event([_choice(i, role, None, chat) for i in range(len(states))])
+                for _ in range(len(states)):
+                    while True:
+                        index, item = await queue.get()
+                        if isinstance(item, RequestError):
+                            yield f"data: {json.dumps(_request_error(item).body())}\n\n"
+                            return
+                        text, reason = item
+                        if text or reason:
+                            delta = {"content": text} if chat else text
+                            yield event([_choice(index, delta, reason, chat)])
+                        if reason:
+                            break
+                options = body.stream_options
+                if options is not None and options.include_usage:
+                    yield event([], usage=self.usage(states, body.n))
+                yield "data: [DONE]\n\n"
+            finally:  # the client went away (or finished): free the slots at once
+                for task in followers:
+                    task.cancel()
+                self.cancel(states)
+
+        return generate()
+
+    def stats(self) -> dict[str, Any]:
+        front = self.frontend
+        alive = [w for w in front.workers.values() if w.alive and w.status is not None]
+        total = sum(w.status.total_tokens for w in alive if w.status)
+        now = time.monotonic()
+        then, before = self._rate
+        rate = max(0, total - before) / (now - then) if now > then else 0.0
+        self._rate = (now, total)
+        return {
+            "model": self.model_id,
+            "pending_queue_length": len(front.queue),
+            "running": sum(w.status.running for w in alive if w.status),
+            "waiting": sum(w.status.waiting for w in alive if w.status),
+            "tokens_per_s": round(rate, 1),
+            "workers_alive": len(alive),
+        }
+
+
+def _id(chat: bool) -> str:
+    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+
+def _choice(index: int, delta: Any, reason: str | None, chat: bool) -> dict[str, Any]:
+    key = "delta" if chat else "text"
+    return {"index": index, key: delta, "finish_reason": reason, "logprobs": None}
+
+
+async def _collect(state: RequestState) -> str:
+    try:
+        return "".join([chunk.text async for chunk in state.follow(0)])
+    except RequestError as err:
+        raise _request_error(err) from None
+
+
+async def _follow(index: int, state: RequestState, queue: asyncio.Queue) -> None:
+    try:
+        async for chunk in state.follow(0):
+            reason = FINISH.get(chunk.finish_reason, "stop") if chunk.finish_reason else None
+            await queue.put((index, (chunk.text, reason)))
+    except RequestError as err:
+        await queue.put((index, err))
+
+
+def _request_error(err: RequestError) -> ApiError:
+    status = STATUS.get(err.code, 500)
+    return ApiError(status, str(err), "invalid_request_error" if status == 400 else "server_error")
+
+
+def build_http_app(frontend: Frontend, model_id: str, auth_token: str = "") -> FastAPI:
+    """The FastAPI app; metrics count every request by route and status."""
+    api = HttpApi(frontend, model_id)
+    app = FastAPI(title="shoal", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Any:
+        guarded = request.url.path.startswith(("/v1/", "/stats"))
+        if (
+            auth_token
+            and guarded
+            and request.headers.get("authorization") != f"Bearer {auth_token}"
+        ):
+            error = ApiError(401, "missing or wrong bearer token", "invalid_request_error")
+            response: Any = JSONResponse(error.body(), status_code=401)
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        frontend.metrics.http_done(getattr(route, "path", "unmatched"), response.status_code)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid body"}
+        where = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(where) or None
+        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+        return JSONResponse(ApiError(400, message, "invalid_request_error", param).body(), 400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, err: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return JSONResponse(
+            ApiError(err.status_code, str(err.detail), kind).body(), err.status_code
+        )
+
+    async def answer(body: CompletionRequest | ChatRequest) -> Any:
+        if body.stream:
+            return StreamingResponse(await api.stream(body), media_type="text/event-stream")
+        return await api.complete(body)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Any:
+        return await answer(body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest) -> Any:
+        return await answer(body)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        info = frontend.model
+        entry = {"id": model_id, "object": "model", "created": api.created, "owned_by": "shoal"}
+        if info is not None:
+            entry["max_model_len"] = frontend.limits().max_context
+        return {"object": "list", "data": [entry]}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = frontend.serving
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, 200 if ok else 503)
+
+    @app.get("/stats")
+    async def stats() -> dict[str, Any]:
+        return api.stats()
+
+    app.mount("/", StaticFiles(directory=STATIC, html=True, check_dir=False), name="page")
+    return app
