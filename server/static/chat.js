@@ -5,6 +5,7 @@ const $ = (id) => document.getElementById(id);
 const history = []; // the conversation sent with each request: {role, content}
 let model = null;
 let controller = null; // AbortController of the answer being streamed
+let epoch = 0; // bumped by Clear: an answer from before it is not kept
 
 function headers(json) {
   const h = json ? { "Content-Type": "application/json" } : {};
@@ -37,14 +38,22 @@ async function loadModel() {
   return model;
 }
 
+// Keep the newest text in view, inside the conversation box only (the page itself stays put,
+// so the Stop button does not move), unless the reader scrolled up.
+function follow(change) {
+  const box = $("messages");
+  const atEnd = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
+  change();
+  if (atEnd) box.scrollTop = box.scrollHeight;
+}
+
 function addMessage(role, text) {
   const el = document.createElement("article");
   el.className = "msg " + role;
   el.innerHTML = '<div class="role"></div><div class="text"></div><div class="meta"></div>';
   el.querySelector(".role").textContent = role;
   el.querySelector(".text").textContent = text;
-  $("messages").append(el);
-  el.scrollIntoView({ block: "end" });
+  follow(() => $("messages").append(el));
   return el;
 }
 
@@ -67,11 +76,15 @@ function parseEvent(block) {
 
 async function send(text) {
   const started = performance.now();
+  const mine = epoch;
   const user = { role: "user", content: text };
   addMessage("user", text);
   const bubble = addMessage("assistant", "");
   const out = bubble.querySelector(".text");
-  const meta = bubble.querySelector(".meta");
+  const end = (state, note) => follow(() => {
+    bubble.dataset.state = state;
+    bubble.querySelector(".meta").textContent = note;
+  });
   bubble.dataset.state = "streaming";
   controller = new AbortController();
   setBusy(true);
@@ -99,7 +112,7 @@ async function send(text) {
     while (!done) {
       const chunk = await reader.read();
       if (chunk.done) break;
-      buffer = (buffer + decoder.decode(chunk.value, { stream: true })).replace(/\r\n?/g, "\n");
+      buffer = (buffer + decoder.decode(chunk.value, { stream: true })).replace(/\r\n/g, "\n");
       let cut;
       while (!done && (cut = buffer.indexOf("\n\n")) >= 0) {
         const data = parseEvent(buffer.slice(0, cut));
@@ -112,33 +125,31 @@ async function send(text) {
         if (!choice) continue;
         if (choice.delta && choice.delta.content) {
           answer += choice.delta.content;
-          out.textContent = answer;
-          bubble.scrollIntoView({ block: "end" });
+          follow(() => { out.textContent = answer; });
         }
         if (choice.finish_reason) finish = choice.finish_reason;
       }
     }
     if (!done) throw new Error("the stream ended before [DONE]");
-    bubble.dataset.state = "done";
     bubble.dataset.finish = finish || "";
-    meta.textContent = `finish: ${finish || "?"} · ${((performance.now() - started) / 1000).toFixed(1)} s`;
+    const took = ((performance.now() - started) / 1000).toFixed(1);
+    end("done", `finish: ${finish || "?"} · ${took} s`);
     setStatus("Done (" + (finish || "no finish reason") + ").");
   } catch (err) {
     if (err.name === "AbortError") {
-      bubble.dataset.state = "stopped";
-      meta.textContent = "stopped";
+      end("stopped", "stopped");
       setStatus("Stopped.");
     } else {
-      bubble.dataset.state = "error";
-      meta.textContent = "error: " + err.message;
+      end("error", "error: " + err.message);
       setStatus("Error: " + err.message, true);
     }
   } finally {
+    controller.abort(); // after an error mid-stream: close the connection, the server cancels
     controller = null;
     setBusy(false);
   }
   // Keep what was answered, even a stopped partial answer, so the conversation goes on.
-  if (bubble.dataset.state !== "error") history.push(user, { role: "assistant", content: answer });
+  if (bubble.dataset.state !== "error" && mine === epoch) history.push(user, { role: "assistant", content: answer });
 }
 
 async function refreshStats() {
@@ -154,6 +165,9 @@ async function refreshStats() {
     if (s.model && !model) $("model").textContent = s.model;
     $("stats").removeAttribute("title");
   } catch (err) {
+    for (const id of ["queue", "running", "waiting", "tps", "workers"]) {
+      $("stat-" + id).textContent = "–";
+    }
     $("stats").title = "stats unavailable: " + err.message;
   } finally {
     setTimeout(refreshStats, 1000);
@@ -176,6 +190,7 @@ $("message").addEventListener("keydown", (e) => {
 $("stop").addEventListener("click", () => controller && controller.abort());
 $("clear").addEventListener("click", () => {
   if (controller) controller.abort();
+  epoch += 1;
   history.length = 0;
   $("messages").replaceChildren();
   setStatus("");
