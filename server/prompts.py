@@ -18,17 +18,30 @@ from worker.channel.messages import Ready
 
 
 class PromptEncoder:
-    def __init__(self, tokenizer: Tokenizer, chat_template: ChatTemplate | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        chat_template: ChatTemplate | None = None,
+        template_error: str = "",
+    ) -> None:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
+        # Why a template that came with the model is unusable ("" when none came).
+        self.template_error = template_error
 
     @classmethod
     def from_ready(cls, ready: Ready) -> PromptEncoder:
+        """A model whose template does not compile still serves prompts; `messages` get
+        INVALID_ARGUMENT with the compiler's reason."""
         tokenizer = Tokenizer.from_str(zlib.decompress(ready.tokenizer_zlib).decode())
-        template = None
-        if ready.chat_template:
-            template = ChatTemplate(ready.chat_template, ready.bos_token, ready.eos_token)
-        return cls(tokenizer, template)
+        if not ready.chat_template:
+            return cls(tokenizer)
+        try:
+            return cls(
+                tokenizer, ChatTemplate(ready.chat_template, ready.bos_token, ready.eos_token)
+            )
+        except ChatTemplateError as err:
+            return cls(tokenizer, template_error=str(err))
 
     def encode_text(self, text: str) -> list[int]:
         """A plain prompt, with the tokenizer's own special tokens (e.g. a BOS)."""
@@ -43,7 +56,8 @@ class PromptEncoder:
         """
         if self.chat_template is None:
             raise ChatTemplateError(
-                "this model has no chat template: send prompt or prompt_token_ids instead"
+                self.template_error
+                or "this model has no chat template: send prompt or prompt_token_ids instead"
             )
         text = self.chat_template.render(messages)
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)

@@ -13,7 +13,6 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from server.frontend import Frontend, Unavailable, UnknownRequest
@@ -45,14 +44,14 @@ def fields_from_proto(request: pb.GenerateRequest) -> RequestFields:
         if spec.default is None and not request.HasField(spec.name):
             value = None
         elif not isinstance(value, str | int | float | bool):  # a repeated field
-            value = [
-                json_format.MessageToDict(v, preserving_proto_field_name=True)
-                if isinstance(v, Message)
-                else v
-                for v in value
-            ]
+            value = [_plain(v) if isinstance(v, Message) else v for v in value]
         values[spec.name] = value
     return RequestFields(**values)  # type: ignore[arg-type]
+
+
+def _plain(message: Message) -> dict[str, object]:
+    """A nested message (ChatMessage) as a dict of all its fields, empty ones included."""
+    return {f.name: getattr(message, f.name) for f in message.DESCRIPTOR.fields}
 
 
 def chunk_to_proto(chunk: Chunk) -> pb.GenerateChunk:

@@ -7,6 +7,7 @@ is checked at the end.
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from server.validation import (
 )
 from server.validation import validate as validate_fields
 from shoal.v1 import inference_pb2 as pb
+from worker.channel.messages import Ready
 from worker.channel.types import Priority, SamplingParams
 
 LIMITS = Limits(vocab_size=512, max_context=100, max_new_tokens_limit=50)
@@ -275,3 +277,46 @@ def test_a_model_without_a_template_refuses_messages(toy_tokenizer: Tokenizer) -
         validate_fields(request, LIMITS, PromptEncoder(toy_tokenizer))
     with pytest.raises(ChatTemplateError, match="does not compile"):
         ChatTemplate("{% for %}")
+
+
+def test_empty_message_fields_cross_the_grpc_edge(tokenizer: PromptEncoder) -> None:
+    turns = [
+        pb.ChatMessage(role="user", content="hi"),
+        pb.ChatMessage(role="assistant", content=""),  # an empty answer is still a turn
+        pb.ChatMessage(role="user", content="again"),
+    ]
+    valid = validate(pb.GenerateRequest(messages=turns, max_new_tokens=2), LIMITS, tokenizer)
+    text = "<user>hi</s>\n<assistant></s>\n<user>again</s>\n<assistant>"
+    assert tokenizer.tokenizer.decode(valid.prompt_ids) == text
+    with pytest.raises(InvalidRequest, match=r"messages\[0\].role must be a non-empty string"):
+        validate(
+            pb.GenerateRequest(messages=[pb.ChatMessage(content="x")], max_new_tokens=2),
+            LIMITS,
+            tokenizer,
+        )
+
+
+def test_a_template_that_does_not_compile_refuses_only_messages(toy_tokenizer: Tokenizer) -> None:
+    ready = Ready(
+        1,
+        4,
+        16,
+        16,
+        256,
+        512,
+        (0,),
+        "cpu",
+        "m",
+        "llama",
+        zlib.compress(toy_tokenizer.to_str().encode()),
+        "{% if %}broken",
+        "",
+        "",
+    )
+    prompts = PromptEncoder.from_ready(ready)
+    assert prompts.encode_text("hello") == toy_tokenizer.encode("hello").ids
+    request = RequestFields(messages=[{"role": "user", "content": "hi"}], max_new_tokens=2)
+    with pytest.raises(
+        InvalidRequest, match="messages: the model's chat template does not compile"
+    ):
+        validate_fields(request, LIMITS, prompts)

@@ -97,10 +97,13 @@ async def run(
     lines: list[tuple[int, str]],
     processor: BatchProcessor,
 ) -> int:
-    front = Frontend(config, InProcessEngine(EngineCore(processor)))
+    engine = InProcessEngine(EngineCore(processor))
+    front = Frontend(config, engine)
     front.start()
     while not front.serving:
-        await asyncio.sleep(0)
+        if engine.error:
+            raise RuntimeError(engine.error)
+        await asyncio.sleep(0.01)
 
     started = time.perf_counter()
     pending: list[RequestState | dict[str, Any]] = []
@@ -161,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as err:  # CheckpointError is a ValueError
         print(f"python -m worker.batch: {err}", file=sys.stderr)
         return 2
-    return asyncio.run(run(args, config, lines, processor))
+    try:
+        return asyncio.run(run(args, config, lines, processor))
+    except RuntimeError as err:  # the engine failed (InProcessEngine.error)
+        print(f"python -m worker.batch: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

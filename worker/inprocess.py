@@ -29,9 +29,17 @@ class InProcessEngine:
         self._inbox: deque[Message] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self.error = ""  # why the engine stopped, if it failed
 
     def start(self, events: EngineEvents) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(events))
+        self._task.add_done_callback(lambda task: self._ended(task, events))
+
+    def _ended(self, task: asyncio.Task, events: EngineEvents) -> None:
+        """An engine that raised is a dead worker: its requests fail, nothing hangs."""
+        if not task.cancelled() and task.exception() is not None:
+            self.error = f"the engine failed: {task.exception()!r}"
+            events.died(0, self.error)
 
     def send(self, worker: int, message: Message) -> bool:
         self._inbox.append(message)
