@@ -130,7 +130,9 @@ class HttpFront:
 
 def start_http(config: ServerConfig, frontend: Frontend) -> HttpFront:
     """Bind the port now (a taken port fails the start) and serve it in the background."""
-    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    # IPPROTO_TCP named, so asyncio sets TCP_NODELAY (no 40 ms delayed-ACK wait per answer).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((config.host, config.http_port))

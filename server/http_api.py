@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP edge: FastAPI routes over the same Frontend as gRPC.
 
-    GET  /v1/models               the served model
+    GET  /v1/models               the served model (and /v1/models/{id})
     POST /v1/completions          prompt(s) -> text choices; `stream` as server-sent events
     POST /v1/chat/completions     messages (the model's chat template) -> message choices
     GET  /health                  200 while serving, else 503
@@ -10,15 +10,16 @@
 Bodies and responses follow OpenAI's API reference; errors are OpenAI error
 objects (`{"error": {"message", "type", "param", "code"}}`) with 400, 401,
 404, 429 or 503. JSON becomes `RequestFields` (server/openai_schema.py) and
-goes through the one validation, queue and workers. Served by uvicorn in the
-front's event loop (server/app.py).
+goes through the one validation, queue and workers; a client that goes away
+cancels its requests. Served by uvicorn in the front's event loop
+(server/app.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -33,7 +34,14 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from server.frontend import Frontend, Unavailable
-from server.openai_schema import ChatRequest, CompletionRequest, to_fields
+from server.openai_schema import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    body_error,
+    invalid,
+    to_fields,
+)
 from server.pending_queue import QueueFull
 from server.requests import DuplicateRequestId, RequestError, RequestState
 from server.validation import InvalidRequest, validate
@@ -41,26 +49,7 @@ from worker.channel.types import FinishReason
 
 STATIC = Path(__file__).parent / "static"
 FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
-# What a RequestFields name is called in an HTTP body, so errors name the field sent.
-HTTP_NAMES = {"max_new_tokens": "max_tokens", "prompt_token_ids": "prompt"}
 STATUS = {"INVALID_ARGUMENT": 400, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.param = status, kind, param
-
-    def body(self) -> dict[str, Any]:
-        error = {"message": str(self), "type": self.kind, "param": self.param, "code": None}
-        return {"error": error}
-
-
-def invalid(message: str) -> ApiError:
-    for name, http in HTTP_NAMES.items():
-        message = re.sub(rf"\b{name}\b", http, message)
-    param = re.match(r"[a-z_]+", message)
-    return ApiError(400, message, "invalid_request_error", param.group(0) if param else None)
 
 
 def served_model_id(model: str) -> str:
@@ -86,7 +75,7 @@ class HttpApi:
         """Validate and queue every choice of every prompt, or none of them."""
         if body.model and body.model != self.model_id:
             message = f"The model `{body.model}` does not exist (this server has {self.model_id})"
-            raise ApiError(404, message, "invalid_request_error", "model")
+            raise ApiError(404, message, param="model", code="model_not_found")
         front = self.frontend
         if not front.serving:
             reason = "server is draining" if front.draining else "no worker is ready"
@@ -100,7 +89,7 @@ class HttpApi:
             for state in states:
                 front.cancel(state.request_id)
             if isinstance(err, InvalidRequest | DuplicateRequestId):
-                raise invalid(str(err)) from None
+                raise invalid(str(err), body.http_names()) from None
             if isinstance(err, QueueFull):
                 raise ApiError(429, str(err), "rate_limit_error") from None
             if isinstance(err, Unavailable):
@@ -115,13 +104,8 @@ class HttpApi:
 
     # -- responses ---------------------------------------------------------------------
     def envelope(self, rid: str, obj: str) -> dict[str, Any]:
-        return {
-            "id": rid,
-            "object": obj,
-            "created": int(time.time()),
-            "model": self.model_id,
-            "system_fingerprint": self.fingerprint,
-        }
+        head = {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_id}
+        return head | {"system_fingerprint": self.fingerprint}
 
     @staticmethod
     def usage(states: list[RequestState], n: int) -> dict[str, int]:
@@ -131,12 +115,19 @@ class HttpApi:
         total = prompt + completion
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
 
-    async def complete(self, body: CompletionRequest | ChatRequest) -> dict[str, Any]:
+    async def complete(self, body: CompletionRequest | ChatRequest, request: Request) -> Any:
         states = self.submit(body)
+        answers = asyncio.ensure_future(asyncio.gather(*(_collect(s) for s in states)))
+        gone = asyncio.ensure_future(_client_gone(request))
         try:
-            texts = await asyncio.gather(*(_collect(s) for s in states))
+            await asyncio.wait((answers, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not answers.done():  # nobody to answer: free the slots at once
+                answers.cancel()
+                return JSONResponse({}, 499)
+            texts = answers.result()
         finally:
-            self.cancel(states)  # only if this call itself was cancelled
+            gone.cancel()
+            self.cancel(states)  # only those not finished: cancelled, or the client went away
         chat = isinstance(body, ChatRequest)
         reply = self.envelope(_id(chat), "chat.completion" if chat else "text_completion")
         reply["choices"] = [
@@ -207,6 +198,12 @@ def _id(chat: bool) -> str:
     return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
 
 
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has closed the connection (its body was read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _choice(index: int, delta: Any, reason: str | None, chat: bool) -> dict[str, Any]:
     key = "delta" if chat else "text"
     return {"index": index, key: delta, "finish_reason": reason, "logprobs": None}
@@ -233,6 +230,11 @@ def _request_error(err: RequestError) -> ApiError:
     return ApiError(status, str(err), "invalid_request_error" if status == 400 else "server_error")
 
 
+def _authorized(request: Request, token: str) -> bool:
+    sent = request.headers.get("authorization", "").encode()
+    return hmac.compare_digest(sent, f"Bearer {token}".encode())
+
+
 def build_http_app(frontend: Frontend, model_id: str, auth_token: str = "") -> FastAPI:
     """The FastAPI app; metrics count every request by route and status."""
     api = HttpApi(frontend, model_id)
@@ -241,12 +243,8 @@ def build_http_app(frontend: Frontend, model_id: str, auth_token: str = "") -> F
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Any:
         guarded = request.url.path.startswith(("/v1/", "/stats"))
-        if (
-            auth_token
-            and guarded
-            and request.headers.get("authorization") != f"Bearer {auth_token}"
-        ):
-            error = ApiError(401, "missing or wrong bearer token", "invalid_request_error")
+        if auth_token and guarded and not _authorized(request, auth_token):
+            error = ApiError(401, "missing or wrong bearer token")
             response: Any = JSONResponse(error.body(), status_code=401)
         else:
             response = await call_next(request)
@@ -260,11 +258,7 @@ def build_http_app(frontend: Frontend, model_id: str, auth_token: str = "") -> F
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(_: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid body"}
-        where = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(where) or None
-        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
-        return JSONResponse(ApiError(400, message, "invalid_request_error", param).body(), 400)
+        return JSONResponse(body_error(err.errors()).body(), 400)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, err: HTTPException) -> JSONResponse:
@@ -273,26 +267,39 @@ def build_http_app(frontend: Frontend, model_id: str, auth_token: str = "") -> F
             ApiError(err.status_code, str(err.detail), kind).body(), err.status_code
         )
 
-    async def answer(body: CompletionRequest | ChatRequest) -> Any:
+    async def answer(body: CompletionRequest | ChatRequest, request: Request) -> Any:
         if body.stream:
             return StreamingResponse(await api.stream(body), media_type="text/event-stream")
-        return await api.complete(body)
+        return await api.complete(body, request)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
-        return await answer(body)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await answer(body, request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest) -> Any:
-        return await answer(body)
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
+        return await answer(body, request)
+
+    def model_entry() -> dict[str, Any]:
+        entry = {"id": model_id, "object": "model", "created": api.created, "owned_by": "shoal"}
+        if frontend.model is not None:
+            entry["max_model_len"] = frontend.limits().max_context
+        return entry
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        info = frontend.model
-        entry = {"id": model_id, "object": "model", "created": api.created, "owned_by": "shoal"}
-        if info is not None:
-            entry["max_model_len"] = frontend.limits().max_context
-        return {"object": "list", "data": [entry]}
+        return {"object": "list", "data": [model_entry()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        if name != model_id:
+            message = f"The model `{name}` does not exist (this server has {model_id})"
+            raise ApiError(404, message, param="model", code="model_not_found")
+        return model_entry()
+
+    @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    async def unknown(request: Request, path: str) -> None:
+        raise ApiError(404, f"Unknown route: {request.method} /v1/{path}", "not_found_error")
 
     @app.get("/health")
     async def health() -> JSONResponse:

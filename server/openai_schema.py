@@ -2,25 +2,68 @@
 
 Field names, types and defaults follow OpenAI's API reference for
 `POST /v1/completions` and `POST /v1/chat/completions`; unknown fields are
-ignored, as OpenAI does. Types are strict (a string is not a number). shoal's
-own extra fields: `top_k`, `min_p`, `repetition_penalty`, `priority`,
-`ignore_eos`. `to_fields` turns a body into the `RequestFields` that every
-entry point validates (server/validation.py), one per choice.
+ignored and `null` means the default, as OpenAI does. Types are strict (a
+string is not a number); text must be valid Unicode (no lone surrogates).
+shoal's own extra fields: `top_k`, `min_p`, `repetition_penalty`,
+`priority`, `ignore_eos`. `to_fields` turns a body into the `RequestFields`
+that every entry point validates (server/validation.py), one per choice.
+Errors are OpenAI error objects (`ApiError`), naming the field as sent.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from server.validation import InvalidRequest, RequestFields
 
 UINT64 = 2**64
 
 
+class ApiError(Exception):
+    """An OpenAI error object and its HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.param, self.code = status, kind, param, code
+
+    def body(self) -> dict[str, Any]:
+        error = {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}
+        return {"error": error}
+
+
+def _unicode(text: str) -> str:
+    """JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer can take."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """`"temperature": null` and the like: OpenAI's fields are "number or null"."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
 
 class StreamOptions(_Body):
@@ -28,11 +71,11 @@ class StreamOptions(_Body):
 
 
 class _Common(_Body):
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = None
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
@@ -44,7 +87,7 @@ class _Common(_Body):
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float | None = None
-    priority: str | int = ""
+    priority: Text | int = ""
     ignore_eos: bool = False
 
     def unsupported(self) -> list[str]:
@@ -61,9 +104,13 @@ class _Common(_Body):
     def new_tokens(self) -> int | None:
         return self.max_tokens
 
+    def http_names(self) -> dict[str, str]:
+        """What validation's field names are called in this body."""
+        return {"max_new_tokens": "max_tokens", "prompt_token_ids": "prompt"}
+
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
     logprobs: int | None = None
     echo: bool = False
@@ -79,17 +126,20 @@ class CompletionRequest(_Common):
             return [{"prompt": x} for x in p]
         if all(isinstance(x, int) for x in p):
             return [{"prompt_token_ids": p}]
+        for i, ids in enumerate(p):
+            if not ids:
+                raise InvalidRequest(f"prompt[{i}] must not be empty")
         return [{"prompt_token_ids": x} for x in p]
 
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Body):
-    role: str
-    content: str | list[TextPart] | None = None
+    role: Text
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -103,10 +153,20 @@ class ChatRequest(_Common):
     logprobs: bool = False
 
     def prompts(self) -> list[dict[str, Any]]:
+        if not self.messages:
+            raise InvalidRequest("messages must not be empty")
         return [{"messages": [{"role": m.role, "content": m.text()} for m in self.messages]}]
 
     def new_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens  # None: what the context leaves
+        """max_completion_tokens (OpenAI's newer name) over max_tokens; None: what the
+        context leaves."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
+    def http_names(self) -> dict[str, str]:
+        tokens = "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
+        return {"max_new_tokens": tokens, "prompt": "messages"}
 
 
 def to_fields(body: CompletionRequest | ChatRequest) -> list[list[RequestFields]]:
@@ -131,10 +191,7 @@ def to_fields(body: CompletionRequest | ChatRequest) -> list[list[RequestFields]
         "priority": body.priority,
     }
     return [
-        [
-            RequestFields(**prompt, **common, seed=_choice_seed(body.seed, i))
-            for i in range(body.n)
-        ]
+        [RequestFields(**prompt, **common, seed=_choice_seed(body.seed, i)) for i in range(body.n)]
         for prompt in body.prompts()
     ]
 
@@ -144,3 +201,44 @@ def _choice_seed(seed: int | None, choice: int) -> int | None:
     if seed is None or not 0 <= seed < UINT64:
         return seed
     return (seed + choice) % UINT64
+
+
+def invalid(message: str, names: Mapping[str, str]) -> ApiError:
+    """A validation message as a 400; `names` renames validation's fields as the body has them."""
+    for name, http in names.items():
+        message = re.sub(rf"\b{name}\b", http, message)
+    param = re.match(r"[a-z_]+", message)
+    return ApiError(400, message, param=param.group(0) if param else None)
+
+
+# Where pydantic's location names a member of a union (`str`, `list[int]`), not a field.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool)$|\[")
+_VALIDATOR = re.compile(r"function-after\[\w+\(\), (\w+)\]")  # Text: shown as str
+
+
+def body_error(errors: Sequence[Mapping[str, Any]]) -> ApiError:
+    """pydantic's errors for a body as one 400 naming its most specific field
+    (`messages[0].content[0].type`), and the accepted forms where a union failed."""
+    if not errors:
+        return ApiError(400, "invalid body")
+    first = max(errors, key=lambda e: len(e.get("loc", ())))  # the first of the deepest
+    if first.get("type") == "json_invalid":
+        reason = first.get("ctx", {}).get("error", "")
+        return ApiError(400, f"the body is not valid JSON: {reason}".rstrip(": "))
+    loc = tuple(first.get("loc", ()))
+    param, forms = "", []
+    for at, part in enumerate(loc):
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif _UNION_MEMBER.search(str(part)):
+            if not forms:  # every member tried at this place
+                tried = [tuple(e.get("loc", ())) for e in errors]
+                here = [str(t[at]) for t in tried if len(t) > at and t[:at] == loc[:at]]
+                forms = list(dict.fromkeys(_VALIDATOR.sub(r"\1", member) for member in here))
+        elif part != "body":
+            param += f".{part}" if param else str(part)
+    reason = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    message = f"{param or 'body'}: {reason}"
+    if forms:
+        message += f" (accepted forms: {', '.join(forms)})"
+    return ApiError(400, message, param=param or None)
