@@ -31,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from server.frontend import Frontend, Unavailable
@@ -138,7 +139,9 @@ class HttpApi:
         reply["usage"] = self.usage(states, body.n)
         return reply
 
-    async def stream(self, body: CompletionRequest | ChatRequest) -> AsyncIterator[str]:
+    def stream(self, body: CompletionRequest | ChatRequest) -> StreamingResponse:
+        """Server-sent events; the requests are cancelled when the stream ends for any
+        reason, also when the client leaves before the first event (the background task)."""
         states = self.submit(body)  # errors before the first byte become a JSON error
         chat = isinstance(body, ChatRequest)
         head = self.envelope(_id(chat), "chat.completion.chunk" if chat else "text_completion")
@@ -174,7 +177,8 @@ class HttpApi:
                     task.cancel()
                 self.cancel(states)
 
-        return generate()
+        ended = BackgroundTask(self.cancel, states)
+        return StreamingResponse(generate(), media_type="text/event-stream", background=ended)
 
     def stats(self) -> dict[str, Any]:
         front = self.frontend
@@ -269,7 +273,7 @@ def build_http_app(frontend: Frontend, model_id: str, auth_token: str = "") -> F
 
     async def answer(body: CompletionRequest | ChatRequest, request: Request) -> Any:
         if body.stream:
-            return StreamingResponse(await api.stream(body), media_type="text/event-stream")
+            return api.stream(body)
         return await api.complete(body, request)
 
     @app.post("/v1/completions")
