@@ -103,7 +103,7 @@ ENV HOST=0.0.0.0 \
     BATCH_SIZE=32 \
     MAX_QUEUE_LEN=1024
 
-EXPOSE 50051 9090
+EXPOSE 50051 8000 9090
 
 # SERVING only once the workers are ready (grpc.health.v1); health stays open when auth is on.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \

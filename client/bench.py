@@ -11,6 +11,11 @@ lengths are drawn from distributions; every request's timeline is recorded:
 
 Prompts are random token ids below the model's vocab size and `ignore_eos`
 is set, so each request has exactly the lengths drawn.
+
+The plan is the same whichever API drives it (`--api`): a `BenchDriver` sends
+one request and reports its chunks. `GrpcDriver` here (the Inference service);
+`client.bench_openai.OpenAIDriver` (the OpenAI-compatible HTTP API, through the
+`openai` package, imported only when asked for).
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
-from typing import Any
+from typing import Any, Protocol
 
 from client.aio import AsyncShoalClient
 from client.errors import ShoalError
@@ -74,7 +80,14 @@ class RequestRecord:
     end_s: float | None = None
     output_tokens: int = 0
     chunk_times_s: list[float] = field(default_factory=list)
-    error: str | None = None  # gRPC status code name
+    error: str | None = None  # gRPC status code name, or HTTP_<status> etc. (OpenAI API)
+
+    def arrived(self, now: float, tokens: int) -> None:
+        """A chunk carrying `tokens` output tokens arrived at `now` (seconds from the start)."""
+        if self.first_token_s is None:
+            self.first_token_s = now
+        self.chunk_times_s.append(now)
+        self.output_tokens += tokens
 
     @property
     def ttft_ms(self) -> float | None:
@@ -125,8 +138,60 @@ def make_records(plan: BenchPlan, vocab_size: int) -> tuple[list[RequestRecord],
     return records, prompts
 
 
+class BenchDriver(Protocol):
+    """One API's way to send the plan's requests (see GrpcDriver, bench_openai.OpenAIDriver)."""
+
+    label: str  # what the summary names, e.g. "grpc 127.0.0.1:50051"
+
+    async def vocab_size(self) -> int:
+        """Random prompt ids are drawn below this."""
+        ...
+
+    async def warm_up(self, prompt: list[int]) -> None: ...
+
+    async def send(
+        self, record: RequestRecord, prompt: list[int], clock: Callable[[], float]
+    ) -> None:
+        """Stream one request, calling `record.arrived(clock(), n)` per chunk of n tokens."""
+        ...
+
+    def error_name(self, err: Exception) -> str | None:
+        """The name recorded for a failed request; None: not a request failure, re-raise."""
+        ...
+
+
+class GrpcDriver:
+    """The Inference service: `Generate` with prompt_token_ids and ignore_eos."""
+
+    def __init__(self, client: AsyncShoalClient, vocab_size: int | None = None) -> None:
+        self.client = client
+        self.label = f"grpc {client.target}"
+        self._vocab_size = vocab_size
+
+    async def vocab_size(self) -> int:
+        if self._vocab_size is None:
+            self._vocab_size = (await self.client.model_info()).vocab_size
+        return self._vocab_size
+
+    async def warm_up(self, prompt: list[int]) -> None:
+        await self.client.generate_text(prompt_token_ids=prompt, max_new_tokens=4, ignore_eos=True)
+
+    async def send(
+        self, record: RequestRecord, prompt: list[int], clock: Callable[[], float]
+    ) -> None:
+        stream = self.client.generate(
+            prompt_token_ids=prompt, max_new_tokens=record.max_new_tokens, ignore_eos=True
+        )
+        async for chunk in stream:
+            if chunk.token_ids:
+                record.arrived(clock(), len(chunk.token_ids))
+
+    def error_name(self, err: Exception) -> str | None:
+        return err.code.name if isinstance(err, ShoalError) else None
+
+
 async def _one(
-    client: AsyncShoalClient,
+    driver: BenchDriver,
     record: RequestRecord,
     prompt: list[int],
     start: float,
@@ -138,19 +203,13 @@ async def _one(
         await limit.acquire()
     record.sent_s = time.perf_counter() - start
     try:
-        stream = client.generate(
-            prompt_token_ids=prompt, max_new_tokens=record.max_new_tokens, ignore_eos=True
-        )
-        async for chunk in stream:
-            if not chunk.token_ids:
-                continue
-            now = time.perf_counter() - start
-            record.first_token_s = record.first_token_s or now
-            record.chunk_times_s.append(now)
-            record.output_tokens += len(chunk.token_ids)
+        await driver.send(record, prompt, lambda: time.perf_counter() - start)
         record.end_s = time.perf_counter() - start
-    except ShoalError as err:
-        record.error = err.code.name
+    except Exception as err:
+        name = driver.error_name(err)
+        if name is None:
+            raise
+        record.error = name
     finally:
         if limit is not None:
             limit.release()
@@ -159,16 +218,20 @@ async def _one(
 
 
 async def run_bench(
-    client: AsyncShoalClient, plan: BenchPlan, progress: Progress | None = None
+    client: AsyncShoalClient | BenchDriver, plan: BenchPlan, progress: Progress | None = None
 ) -> tuple[list[RequestRecord], float]:
-    """Warm up with one request, then run the plan; returns records and wall seconds."""
-    info = await client.model_info()
-    records, prompts = make_records(plan, info.vocab_size)
-    await client.generate_text(prompt_token_ids=prompts[0], max_new_tokens=4, ignore_eos=True)
+    """Warm up with one request, then run the plan; returns records and wall seconds.
+
+    `client`: an AsyncShoalClient (gRPC) or any BenchDriver; the same plan and seed give
+    the same prompts and lengths through either, when the vocab sizes agree.
+    """
+    driver = GrpcDriver(client) if isinstance(client, AsyncShoalClient) else client
+    records, prompts = make_records(plan, await driver.vocab_size())
+    await driver.warm_up(prompts[0])
     limit = asyncio.Semaphore(plan.concurrency) if plan.concurrency else None
     start = time.perf_counter()
     await asyncio.gather(
-        *(_one(client, r, p, start, limit, progress) for r, p in zip(records, prompts, strict=True))
+        *(_one(driver, r, p, start, limit, progress) for r, p in zip(records, prompts, strict=True))
     )
     return records, time.perf_counter() - start
 

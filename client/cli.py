@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from client.bench import LengthDist
+from client.bench_openai import ENDPOINTS
 from client.channel import split_targets
 from client.request import PRIORITY_NAMES
 from client.sync import DEFAULT_TARGET
 
 TARGET_ENV = "SHOAL_TARGET"
 TOKEN_ENV = "SHOAL_AUTH_TOKEN"
+HTTP_TARGET_ENV = "SHOAL_HTTP_TARGET"
+DEFAULT_HTTP_TARGET = "http://127.0.0.1:8000"
 
 
 def int_list(text: str) -> list[int]:
@@ -59,7 +62,7 @@ def _global_options(defaults: bool) -> argparse.ArgumentParser:
         "--target",
         action="append",
         default=None if defaults else suppress,
-        help=f"host:port, repeatable or comma-separated; several are balanced round_robin; "
+        help=f"gRPC host:port, repeatable or comma-separated; several are balanced round_robin; "
         f"dns:///name:port also works (env {TARGET_ENV}, default {DEFAULT_TARGET})",
     )
     p.add_argument(
@@ -148,6 +151,41 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--output", required=True, type=Path)
     batch.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     bench = add("bench", "serving load generator: latency and throughput tables")
+    bench.description = (
+        "Serving load generator: the same plan (Poisson arrivals, length distributions, "
+        "seed) through gRPC (--api grpc, to --target) or the OpenAI-compatible HTTP API "
+        "(--api openai, to --http-target, with the openai package)."
+    )
+    bench.add_argument(
+        "--api",
+        choices=("grpc", "openai"),
+        help="grpc: the Inference service at --target (the default); openai: the "
+        "OpenAI-compatible HTTP API at --http-target, through the openai package (pip "
+        "install -e '.[bench]'); giving --http-target alone selects openai",
+    )
+    bench.add_argument(
+        "--http-target",
+        metavar="URL",
+        help=f"base URL of the HTTP API, http://host:port (/v1 is added if missing; env "
+        f"{HTTP_TARGET_ENV}, default {DEFAULT_HTTP_TARGET}); --auth-token is sent as the API key",
+    )
+    bench.add_argument(
+        "--endpoint",
+        choices=ENDPOINTS,
+        default="completions",
+        help="--api openai only: completions sends the prompt token ids (the same prompts as "
+        "gRPC); chat sends them as words in a user message (chat template applied, prompt "
+        "tokens as the server counts them)",
+    )
+    bench.add_argument(
+        "--model",
+        help="--api openai only: the request's model (default: the first /v1/models lists)",
+    )
+    bench.add_argument(
+        "--vocab-size",
+        type=int,
+        help="prompt ids are drawn below this (default: the served model's vocab size)",
+    )
     bench.add_argument("--requests", type=int, default=100)
     bench.add_argument(
         "--rate", type=float, default=math.inf, help="requests/s, Poisson; inf = all at once"
@@ -189,9 +227,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"{args.command}: --chat sends the prompt text as a user message")
     if args.command in ("batch", "bench") and args.concurrency is not None and args.concurrency < 1:
         parser.error("--concurrency must be >= 1")
-    if args.command == "bench" and (args.requests < 1 or not args.rate > 0):
-        parser.error("bench: --requests must be >= 1 and --rate > 0")
+    if args.command == "bench":
+        _check_bench(parser, args)
     return args
+
+
+def _check_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.requests < 1 or not args.rate > 0:
+        parser.error("bench: --requests must be >= 1 and --rate > 0")
+    if args.vocab_size is not None and args.vocab_size < 2:
+        parser.error("bench: --vocab-size must be >= 2")
+    if args.api is None:
+        args.api = "openai" if args.http_target else "grpc"
+    if args.api == "grpc":
+        given = [
+            flag
+            for flag, value in (
+                ("--http-target", args.http_target),
+                ("--endpoint", args.endpoint != "completions"),
+                ("--model", args.model),
+            )
+            if value
+        ]
+        if given:
+            parser.error(f"bench: {', '.join(given)} only with --api openai")
+    else:
+        args.http_target = (
+            args.http_target or os.environ.get(HTTP_TARGET_ENV) or DEFAULT_HTTP_TARGET
+        )
 
 
 SAMPLING_NAMES = (

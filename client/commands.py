@@ -9,13 +9,13 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
-from typing import TextIO
+from typing import Any, TextIO
 
 import grpc
 
 from client.aio import AsyncShoalClient
 from client.batch import count_failed, parse_lines, run_batch, write_records
-from client.bench import BenchPlan, run_bench, summarize, summary_table
+from client.bench import BenchDriver, BenchPlan, GrpcDriver, run_bench, summarize, summary_table
 from client.cli import parse_args, request_params, sampling_params, system_turn
 from client.errors import ShoalError
 from client.progress import Progress
@@ -165,16 +165,48 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         seed=args.seed,
         concurrency=args.concurrency,
     )
-    progress = Progress(total=plan.requests)
+    if args.api == "openai":
+        try:
+            from client.bench_openai import OpenAIDriver
+
+            driver: Any = OpenAIDriver(
+                args.http_target,
+                api_key=args.auth_token,
+                timeout=args.timeout,
+                endpoint=args.endpoint,
+                model=args.model,
+                vocab_size=args.vocab_size,
+            )
+        except RuntimeError as err:  # no openai package
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        async with driver:
+            return await _bench(driver, plan, args)
     async with AsyncShoalClient(
         args.target, auth_token=args.auth_token, timeout=args.timeout
     ) as client:
-        records, wall_s = await run_bench(client, plan, progress)
+        return await _bench(GrpcDriver(client, args.vocab_size), plan, args)
+
+
+async def _bench(driver: BenchDriver, plan: BenchPlan, args: argparse.Namespace) -> int:
+    progress = Progress(total=plan.requests)
+    try:
+        records, wall_s = await run_bench(driver, plan, progress)
+    except Exception as err:  # before the plan started: model, vocab size, warm-up
+        name = driver.error_name(err)
+        if name is None and not isinstance(err, RuntimeError):
+            raise
+        progress.close()
+        print(f"error: {name + ': ' if name else ''}{err}", file=sys.stderr)
+        return 1
     progress.close()
     summary = summarize(records, wall_s)
+    print(f"api: {driver.label}")
     print(summary_table(summary))
     if args.json:
         report = {
+            "api": args.api,
+            "target": driver.label,
             "plan": asdict(plan),
             "summary": summary,
             "records": [r.as_dict() for r in records],

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # make compose-smoke: build the image with docker-compose, start the stack, wait
-# for the gRPC health service, query it with the host's client CLI, tear down.
+# for the gRPC health service, query it with the host's client CLI and the
+# OpenAI-compatible HTTP API with curl, tear down.
 #
 # From nothing on a Debian/Ubuntu host, as root: installs docker.io,
-# docker-compose and debootstrap with apt if missing, starts dockerd if none is
+# docker-compose, debootstrap and curl with apt if missing, starts dockerd if none is
 # running (and stops it again at the end), and builds a local stand-in for the
 # Python base image with debootstrap (for hosts that cannot pull from Docker
 # Hub), cached as shoal-base:bookworm between runs.
@@ -14,6 +15,7 @@
 #   SMOKE_REBUILD_BASE=1  rebuild shoal-base:bookworm even if it exists
 #   SMOKE_IMAGE           tag of the built server image (default shoal:smoke)
 #   SMOKE_PORT            host port for gRPC (default 50051)
+#   SMOKE_HTTP_PORT       host port for the HTTP API (default 8000)
 #   SMOKE_METRICS_PORT    host port for the metrics endpoint (default 9464)
 #   SMOKE_COMPOSE         compose command (default: `docker compose` if present, else docker-compose)
 #   SMOKE_DEBIAN_MIRROR   debootstrap mirror (default http://deb.debian.org/debian)
@@ -31,6 +33,7 @@ BASE_IMAGE=${SMOKE_BASE_IMAGE:-shoal-base:bookworm}
 LOCAL_BASE=shoal-base:bookworm
 IMAGE=${SMOKE_IMAGE:-shoal:smoke}
 PORT=${SMOKE_PORT:-50051}
+HTTP_PORT=${SMOKE_HTTP_PORT:-8000}
 METRICS_PORT=${SMOKE_METRICS_PORT:-9464}
 MIRROR=${SMOKE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 HEALTH_TIMEOUT=${SMOKE_HEALTH_TIMEOUT:-300}
@@ -47,6 +50,7 @@ ROOTFS=""
 STACK_UP=""
 
 log() { printf '[compose-smoke %4ds] %s\n' "$(($(date +%s) - T0))" "$*"; }
+indent() { sed 's/^/    /'; }
 fail() {
     log "FAIL: $*"
     exit 1
@@ -119,7 +123,7 @@ cleanup() {
         log "dockerd log kept at $DOCKERD_LOG"
     fi
     if [[ $rc -eq 0 ]]; then
-        step done
+        step "done"
         log "timings:"
         printf '    %s\n' "${TIMINGS[@]}"
     fi
@@ -158,12 +162,13 @@ apt_install() {
 # --- 1. tools -----------------------------------------------------------------
 step "tools"
 [[ -x $CLIENT_PY ]] || fail "$CLIENT_PY not found: run \`make install\` first (make compose-smoke does)"
-for p in "$PORT" "$METRICS_PORT"; do
+for p in "$PORT" "$HTTP_PORT" "$METRICS_PORT"; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-        fail "port $p is already in use on this host (another server?); set SMOKE_PORT / SMOKE_METRICS_PORT"
+        fail "port $p is already in use on this host (another server?); set SMOKE_PORT / SMOKE_HTTP_PORT / SMOKE_METRICS_PORT"
     fi
 done
 missing=()
+command -v curl >/dev/null || missing+=(curl)
 command -v docker >/dev/null || missing+=(docker.io)
 docker info >/dev/null 2>&1 || command -v dockerd >/dev/null || missing+=(docker.io)
 if [[ -n ${SMOKE_COMPOSE:-} ]]; then
@@ -254,7 +259,7 @@ done
 if [[ $BASE_IMAGE == "$LOCAL_BASE" && -z ${PIP_CERT:-} ]]; then
     build_args+=(--build-arg "PIP_CERT=$CA_BUNDLE") # the bundle copied in above
 fi
-export SHOAL_IMAGE=$IMAGE SHOAL_PORT=$PORT SHOAL_METRICS_PORT=$METRICS_PORT
+export SHOAL_IMAGE=$IMAGE SHOAL_PORT=$PORT SHOAL_HTTP_PORT=$HTTP_PORT SHOAL_METRICS_PORT=$METRICS_PORT
 log "${COMPOSE[*]} build ${build_args[*]} shoal"
 indented timeout 1800 "${COMPOSE[@]}" -p "$PROJECT" build "${build_args[@]}" shoal ||
     fail "image build failed"
@@ -296,16 +301,16 @@ fi
 export no_proxy="127.0.0.1,localhost${no_proxy:+,$no_proxy}" NO_PROXY="127.0.0.1,localhost${NO_PROXY:+,$NO_PROXY}"
 log "python -m client --target $target info"
 out=$(timeout 60 "$CLIENT_PY" -m client --target "$target" info 2>&1) || {
-    echo "$out" | sed 's/^/    /'
+    indent <<<"$out"
     fail "client info failed"
 }
-echo "$out" | sed 's/^/    /'
+indent <<<"$out"
 log "python -m client --target $target generate \"hello\" --max-new-tokens 8"
 out=$(timeout 120 "$CLIENT_PY" -m client --target "$target" generate "hello" --max-new-tokens 8 2>&1) || {
-    echo "$out" | sed 's/^/    /'
+    indent <<<"$out"
     fail "client generate failed"
 }
-echo "$out" | sed 's/^/    /'
+indent <<<"$out"
 [[ -n $out ]] || fail "client generate printed nothing"
 log "python -m client --target $target stats"
 indented timeout 60 "$CLIENT_PY" -m client --target "$target" stats || fail "client stats failed"
@@ -320,7 +325,41 @@ print("\n".join(lines))
 sys.exit(0 if any(l.startswith("shoal_generated_tokens_total") for l in lines) else "no shoal_generated_tokens_total")
 ' "$metrics_url" || fail "metrics endpoint check failed"
 
-# --- 7. graceful stop ---------------------------------------------------------------
+# --- 7. the OpenAI-compatible HTTP API, with curl from the host -------------------------
+step "http api"
+base=http://127.0.0.1:$HTTP_PORT
+# The same bearer token as gRPC when AUTH_TOKEN is set (the API key of OpenAI clients).
+curl_args=(--silent --show-error --noproxy '*' --max-time 120 --write-out '\n%{http_code}')
+if [[ -n ${AUTH_TOKEN:-} ]]; then
+    curl_args+=(--header "Authorization: Bearer $AUTH_TOKEN")
+fi
+# http_ok WHAT PATTERN CURL-ARGS...: the answer must be 200 and contain PATTERN (a glob).
+http_ok() {
+    local what=$1 pattern=$2 out code
+    shift 2
+    log "$what"
+    out=$(curl "${curl_args[@]}" "$@" 2>&1) || {
+        indent <<<"$out"
+        fail "$what: curl failed"
+    }
+    code=${out##*$'\n'}
+    out=${out%$'\n'*}
+    sed "/^$/d" <<<"$out" | tail -n 4 | indent
+    [[ $code == 200 ]] || fail "$what: HTTP $code"
+    # shellcheck disable=SC2053 # PATTERN is a glob on purpose
+    [[ $out == $pattern ]] || fail "$what: the answer lacks $pattern"
+}
+json=(--header 'Content-Type: application/json')
+http_ok "GET $base/health" '*"ok"*' "$base/health"
+http_ok "GET $base/v1/models" '*"object":"list"*' "$base/v1/models"
+http_ok "POST $base/v1/chat/completions" '*"object":"chat.completion"*' "${json[@]}" \
+    --data '{"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}' \
+    "$base/v1/chat/completions"
+http_ok "POST $base/v1/chat/completions (stream)" '*data: \[DONE\]*' "${json[@]}" --no-buffer \
+    --data '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "stream": true}' \
+    "$base/v1/chat/completions"
+
+# --- 8. graceful stop ---------------------------------------------------------------
 step "stop (drain)"
 indented compose stop shoal || fail "compose stop failed"
 code=$(docker inspect --format '{{.State.ExitCode}}' "$cid")

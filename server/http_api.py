@@ -286,8 +286,9 @@ def build_http_app(frontend: Frontend, model_id: str, auth_token: str = "") -> F
 
     def model_entry() -> dict[str, Any]:
         entry = {"id": model_id, "object": "model", "created": api.created, "owned_by": "shoal"}
-        if frontend.model is not None:
+        if frontend.model is not None:  # shoal's additions, as vLLM adds max_model_len
             entry["max_model_len"] = frontend.limits().max_context
+            entry["vocab_size"] = frontend.model.vocab_size
         return entry
 
     @app.get("/v1/models")

@@ -84,6 +84,15 @@ def test_compose_loads_in_compose_v1_and_v2(compose: dict) -> None:
     assert set(compose["services"]) == {"shoal", "shoal-gpu", "prometheus"}
 
 
+def published(service: dict) -> dict[int, str]:
+    """Container port -> the host side of its `ports:` entry ("${VAR:-default}")."""
+    out = {}
+    for entry in service["ports"]:
+        host, _, container = str(entry).rpartition(":")
+        out[int(container)] = host
+    return out
+
+
 def test_compose_default_service(compose: dict) -> None:
     shoal = compose["services"]["shoal"]
     assert "profiles" not in shoal  # `docker compose up` starts it
@@ -93,6 +102,21 @@ def test_compose_default_service(compose: dict) -> None:
     assert "grpc_health" in " ".join(shoal["healthcheck"]["test"])
     assert "models:/models" in shoal["volumes"]
     assert shoal["environment"]["METRICS_PORT"] == "9090"
+
+
+@pytest.mark.parametrize(
+    ("service", "host_port"),
+    [("shoal", "${SHOAL_HTTP_PORT:-8000}"), ("shoal-gpu", "${SHOAL_GPU_HTTP_PORT:-8001}")],
+)
+def test_compose_publishes_the_http_api(compose: dict, service: str, host_port: str) -> None:
+    """The OpenAI-compatible API and chat page: HTTP_PORT inside, published on the host."""
+    spec = compose["services"][service]
+    env = spec["environment"]
+    ports = published(spec)
+    assert int(env["HTTP_PORT"]) == 8000 and ports[8000] == host_port
+    assert int(env["PORT"]) == 50051 in ports
+    assert int(env["METRICS_PORT"]) not in (8000, 50051)  # the server refuses equal ports
+    assert env["SERVED_MODEL_NAME"] == "${SERVED_MODEL_NAME:-}"
 
 
 @pytest.mark.parametrize("service", ["shoal", "shoal-gpu"])

@@ -212,6 +212,7 @@ def test_service_is_headless_on_the_container_ports():
     assert not service["spec"].get("publishNotReadyAddresses", False)
     ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert ports["grpc"]["port"] == 50051
+    assert ports["http"]["port"] == 8000 and ports["http"]["appProtocol"] == "http"
     for name, port in ports.items():
         target = port.get("targetPort", port["port"])
         resolved = _container_port(target) if isinstance(target, str) else target
@@ -237,6 +238,15 @@ def test_probes_use_grpc_health_on_the_serving_port():
     # holds it off, and must allow a long load.
     startup = container["startupProbe"]
     assert startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3) >= 300
+
+
+def test_http_api_port_matches_the_server_setting():
+    """HTTP_PORT (the OpenAI-compatible API, /health, the chat page) is the `http` port."""
+    env = _effective_env()
+    http_port = _container_port("http")
+    assert int(env["HTTP_PORT"]) == http_port != 0
+    ports = [int(env["PORT"]), http_port, int(env["METRICS_PORT"])]
+    assert len(set(ports)) == 3, f"the server refuses equal ports: {ports}"
 
 
 def test_termination_grace_covers_prestop_and_drain():
