@@ -1,8 +1,10 @@
 """`python -m client batch`: a JSONL file of requests through a server, N at a time.
 
-The formats are those of `python -m worker.batch`. Input lines carry GenerateRequest field
-names (priority by name or number); output lines, in input order, carry request_id,
-token_ids, text, finish_reason (name) and usage, or for a failed line
+The formats are those of `python -m worker.batch`. Each input line is the proto JSON of a
+GenerateRequest, read by protobuf's json_format with the same rules (client/proto_json.py):
+snake_case or camelCase names, "PRIORITY_HIGH" (or the short "HIGH", "low"), 64-bit integers
+as strings. Output lines, in input order, carry request_id, token_ids, text, finish_reason
+(the proto name, "FINISH_REASON_STOP") and usage, or for a failed line
 {"request_id", "error": "line N: <status code>: <details>"}. A line's request_id is its own
 or "line-N"; lines without one are sent without one, so the server picks a unique id and
 two batch runs against one server never collide.
@@ -21,11 +23,12 @@ import grpc
 
 from client.errors import ShoalError
 from client.progress import Progress
-from client.request import RequestParams, build_request
+from client.proto_json import parse_message
+from client.request import build_request
 from client.types import Chunk, Completion, CompletionBuilder
+from shoal.v1 import inference_pb2 as pb
 
 Record = dict[str, Any]
-KNOWN_FIELDS = frozenset(RequestParams.__optional_keys__) | {"prompt"}
 
 
 class GenerateClient(Protocol):
@@ -56,25 +59,49 @@ def result_record(request_id: str, done: Completion) -> Record:
         "request_id": request_id,
         "token_ids": list(done.token_ids),
         "text": done.text,
-        "finish_reason": done.finish_reason,
+        "finish_reason": finish_reason_name(done.finish_reason),
         "usage": usage,
     }
+
+
+def finish_reason_name(short: str | None) -> str | None:
+    """ "STOP" (the library's name) -> "FINISH_REASON_STOP" (the proto JSON name)."""
+    if short is None:
+        return None
+    return pb.FinishReason.Name(pb.FinishReason.Value(f"FINISH_REASON_{short}"))
+
+
+def request_params(request: pb.GenerateRequest) -> dict[str, Any]:
+    """A GenerateRequest -> the build_request keyword arguments that rebuild it."""
+    params: dict[str, Any] = {
+        "prompt_token_ids": list(request.prompt_token_ids),
+        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+        "max_new_tokens": request.max_new_tokens,  # unset is 0, refused by the server
+        "temperature": request.temperature,
+        "top_k": request.top_k,
+        "top_p": request.top_p,
+        "min_p": request.min_p,
+        "stop": list(request.stop),
+        "stop_token_ids": list(request.stop_token_ids),
+        "ignore_eos": request.ignore_eos,
+        "priority": request.priority,
+    }
+    for name in ("prompt", "seed"):  # optional: sent only when set
+        if request.HasField(name):
+            params[name] = getattr(request, name)
+    if request.request_id:
+        params["request_id"] = request.request_id
+    return params
 
 
 def parse_job(obj: Any, line_no: int) -> BatchJob:
     """One decoded JSON line -> BatchJob; ValueError/TypeError when it can't be sent."""
     if not isinstance(obj, dict):
         raise ValueError("line is not a JSON object")
-    unknown = sorted(set(obj) - KNOWN_FIELDS)
-    if unknown:
-        raise ValueError(f"unknown field {unknown[0]!r}")
-    params = dict(obj)
-    # As in worker.batch, a missing max_new_tokens is 0 (rejected), not the library default.
-    params.setdefault("max_new_tokens", 0)
-    if params.get("request_id") is not None:
-        params["request_id"] = str(params["request_id"])
-    build_request(**params)  # wrong types fail here, with the line number, not mid-run
-    return BatchJob(line_no, params.get("request_id") or f"line-{line_no}", params)
+    request = parse_message(obj, pb.GenerateRequest)
+    params = request_params(request)
+    build_request(**params)  # what the wire cannot carry (priority 7) fails here, not mid-run
+    return BatchJob(line_no, request.request_id or f"line-{line_no}", params)
 
 
 def parse_lines(lines: Iterable[str]) -> list[BatchJob | Record]:
@@ -87,8 +114,8 @@ def parse_lines(lines: Iterable[str]) -> list[BatchJob | Record]:
         request_id = f"line-{line_no}"
         try:
             obj = json.loads(line)
-            if isinstance(obj, dict) and obj.get("request_id"):
-                request_id = str(obj["request_id"])
+            if isinstance(obj, dict) and (obj.get("request_id") or obj.get("requestId")):
+                request_id = str(obj.get("request_id") or obj.get("requestId"))
             job = parse_job(obj, line_no)
             if job.request_id in seen:
                 raise ValueError(f"request_id {job.request_id!r} is used twice")

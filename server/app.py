@@ -14,12 +14,12 @@ from pathlib import Path
 import grpc
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from server import logs
 from server.config import ServerConfig
 from server.frontend import Frontend
 from server.http_api import build_http_app, served_model_id
+from server.reflection import enable_reflection
 from server.servicer import AuthInterceptor, InferenceServicer, MetricsInterceptor
 from server.worker_pool import WorkerPool
 from shoal.v1 import inference_pb2 as pb
@@ -56,9 +56,7 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(frontend), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    enable_reflection((SERVICE, health.SERVICE_NAME), server)  # v1 and v1alpha
     try:
         port = server.add_insecure_port(f"{config.host}:{config.port}")
     except RuntimeError as err:  # grpc reports a taken port this way

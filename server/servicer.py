@@ -1,25 +1,25 @@
 """The gRPC edge: protobuf in, plain values to the Frontend, protobuf out, status codes.
 
-Only this module (and server/app.py, which registers it) touches protobuf
-messages: requests become `RequestFields` (field by field, by name), and
-finish reasons map to the wire enum here.
+Requests become `RequestFields` (field by field, by name) and finish reasons map to
+the wire enum in server/proto_json.py, the proto edge that the offline runner
+(`worker.batch`, which may not import gRPC) shares; this module adds the RPCs,
+the status codes and the interceptors.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf.message import Message
 
 from server.frontend import Frontend, Unavailable, UnknownRequest
 from server.metrics import Metrics
 from server.pending_queue import QueueFull
+from server.proto_json import FINISH_REASONS, fields_from_proto
 from server.requests import Chunk, DuplicateRequestId, RequestError, RequestState
-from server.validation import InvalidRequest, RequestFields, validate
+from server.validation import InvalidRequest, validate
 from shoal.v1 import inference_pb2 as pb
 from shoal.v1 import inference_pb2_grpc as pb_grpc
 from worker.channel.messages import Status
@@ -27,34 +27,10 @@ from worker.channel.types import FinishReason
 
 log = logging.getLogger(__name__)
 
-FINISH_REASONS = {
-    FinishReason.NONE: pb.FINISH_REASON_UNSPECIFIED,
-    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
-    FinishReason.STOP: pb.FINISH_REASON_STOP,
-    FinishReason.EOS: pb.FINISH_REASON_EOS,
-    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
-}
 
-
-def fields_from_proto(request: pb.GenerateRequest) -> RequestFields:
-    """Copy every RequestFields field of the same name; unset optional fields stay None."""
-    values: dict[str, object] = {}
-    for spec in dataclasses.fields(RequestFields):
-        value = getattr(request, spec.name)
-        if spec.default is None and not request.HasField(spec.name):
-            value = None
-        elif not isinstance(value, str | int | float | bool):  # a repeated field
-            value = [_plain(v) if isinstance(v, Message) else v for v in value]
-        values[spec.name] = value
-    return RequestFields(**values)  # type: ignore[arg-type]
-
-
-def _plain(message: Message) -> dict[str, object]:
-    """A nested message (ChatMessage) as a dict of all its fields, empty ones included."""
-    return {f.name: getattr(message, f.name) for f in message.DESCRIPTOR.fields}
-
-
-def chunk_to_proto(chunk: Chunk) -> pb.GenerateChunk:
+def chunk_to_proto(chunk: Chunk, completion_tokens: int | None = None) -> pb.GenerateChunk:
+    """`completion_tokens`: the request's total, for the last chunk's usage (default: where
+    the chunk ends, which is the total unless a Stream asked from past the end)."""
     message = pb.GenerateChunk(
         request_id=chunk.request_id,
         index=chunk.index,
@@ -63,7 +39,9 @@ def chunk_to_proto(chunk: Chunk) -> pb.GenerateChunk:
         finish_reason=FINISH_REASONS[chunk.finish_reason],
     )
     if chunk.finish_reason != FinishReason.NONE:
-        completion = chunk.index + len(chunk.token_ids)
+        completion = completion_tokens
+        if completion is None:
+            completion = chunk.index + len(chunk.token_ids)
         message.usage.CopyFrom(
             pb.Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=completion)
         )
@@ -100,7 +78,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> AsyncIterator[pb.GenerateChunk]:
         try:
             async for chunk in state.follow(from_index):
-                yield chunk_to_proto(chunk)
+                yield chunk_to_proto(chunk, len(state.token_ids))
         except RequestError as err:
             await context.abort(grpc.StatusCode[err.code], str(err))
 

@@ -1,8 +1,9 @@
 """Request validation on plain values: every entry point (gRPC, JSONL) checks here.
 
 An edge turns its own format into `RequestFields` (the GenerateRequest field
-names, plain Python values): the gRPC servicer from protobuf, `from_json` from
-a JSON object. `validate` then checks every field against the model's
+names, plain Python values): server/proto_json.py from protobuf (a gRPC request,
+or a JSONL line parsed as the proto JSON of GenerateRequest), server/openai_schema.py
+from an OpenAI body. `validate` then checks every field against the model's
 `Limits` and returns a `ValidatedRequest`; everything past it trusts its
 input. Every error names the field and the limit.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from worker.channel.types import Priority, SamplingParams
@@ -85,9 +86,11 @@ def validate(request: RequestFields, limits: Limits, prompts: Prompts) -> Valida
     request_id = _request_id(r.request_id, limits)
     priority = _priority(r.priority)
     if r.max_new_tokens is not None and not 1 <= r.max_new_tokens <= limits.max_new_tokens_limit:
+        # proto3 sends no zero: a field left out (or, in JSON, misnamed and dropped by a
+        # lenient client library) arrives as 0, indistinguishable from an explicit 0.
+        got = "0: not set, or 0" if r.max_new_tokens == 0 else r.max_new_tokens
         raise InvalidRequest(
-            f"max_new_tokens must be in [1, {limits.max_new_tokens_limit}] "
-            f"(got {r.max_new_tokens})"
+            f"max_new_tokens must be in [1, {limits.max_new_tokens_limit}] (got {got})"
         )
     if not (math.isfinite(r.temperature) and r.temperature >= 0):
         raise InvalidRequest(f"temperature must be finite and >= 0 (got {r.temperature:.7g})")
@@ -123,57 +126,6 @@ def validate(request: RequestFields, limits: Limits, prompts: Prompts) -> Valida
         ignore_eos=r.ignore_eos,
     )
     return ValidatedRequest(request_id, prompt_ids, params, priority, stop)
-
-
-def from_json(obj: Any) -> RequestFields:
-    """A decoded JSON object -> RequestFields; InvalidRequest for an unknown field or wrong type."""
-    if not isinstance(obj, Mapping):
-        raise InvalidRequest("a request must be a JSON object")
-    known = {f.name: str(f.type) for f in fields(RequestFields)}
-    unknown = sorted(set(obj) - set(known))
-    if unknown:
-        raise InvalidRequest(f"unknown field {unknown[0]!r}")
-    for name, value in obj.items():
-        if not _json_type_ok(known[name], value):
-            raise InvalidRequest(f"{name} must be {_JSON_TYPES[known[name]][1]} (got {value!r})")
-    return RequestFields(**obj)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return _is_int(value) or isinstance(value, float)
-
-
-# annotation -> (check, description for the error)
-_JSON_TYPES: dict[str, tuple[Any, str]] = {
-    "str": (lambda v: isinstance(v, str), "a string"),
-    "str | None": (lambda v: v is None or isinstance(v, str), "a string"),
-    "int": (_is_int, "an integer"),
-    "int | None": (lambda v: v is None or _is_int(v), "an integer"),
-    "float": (_is_number, "a number"),
-    "bool": (lambda v: isinstance(v, bool), "true or false"),
-    "str | int": (lambda v: isinstance(v, str) or _is_int(v), "a name or a number"),
-    "Sequence[int]": (lambda v: isinstance(v, list) and all(map(_is_int, v)), "a list of integers"),
-    "Sequence[Mapping[str, Any]]": (
-        lambda v: isinstance(v, list) and all(isinstance(m, dict) for m in v),
-        "a list of objects",
-    ),
-    "Sequence[str]": (
-        lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
-        "a list of strings",
-    ),
-}
-
-
-# Every field needs a JSON check: fail at import, not on some user's line.
-assert {str(f.type) for f in fields(RequestFields)} <= set(_JSON_TYPES), "RequestFields type"
-
-
-def _json_type_ok(annotation: str, value: Any) -> bool:
-    return bool(_JSON_TYPES[annotation][0](value))
 
 
 def _priority(value: str | int) -> Priority:

@@ -333,7 +333,7 @@ def test_run_batch_keeps_input_order_and_the_concurrency_limit(
         direct = shoal.generate_text(prompt_token_ids=[i + 1, i + 2], max_new_tokens=6 - i % 4)
         assert records[i]["token_ids"] == list(direct.token_ids)
         assert records[i]["text"] == direct.text
-        assert records[i]["finish_reason"] == direct.finish_reason
+        assert records[i]["finish_reason"] == f"FINISH_REASON_{direct.finish_reason}"
         assert direct.usage and records[i]["usage"] == {
             "prompt_tokens": 2,
             "completion_tokens": direct.usage.completion_tokens,
@@ -561,7 +561,9 @@ def test_cli_batch_matches_the_offline_batch_runner(
     assert [r["request_id"] for r in served] == [r["request_id"] for r in local]
     assert served[2] == {
         "request_id": "zero",
-        "error": "line 3: INVALID_ARGUMENT: max_new_tokens must be in [1, 4096] (got 0)",
+        "error": (
+            "line 3: INVALID_ARGUMENT: max_new_tokens must be in [1, 4096] (got 0: not set, or 0)"
+        ),
     }
     assert served[4]["request_id"] == "line-5"
     assert served[4]["error"].startswith("line 5: INVALID_ARGUMENT: ")
@@ -570,7 +572,7 @@ def test_cli_batch_matches_the_offline_batch_runner(
             assert "error" in mine and theirs["error"].startswith(f"line {n + 1}: "), (mine, theirs)
             continue
         assert mine == theirs, n
-    assert [r["finish_reason"] for r in served[len(BATCH_LINES) :]] == ["STOP"] * (
+    assert [r["finish_reason"] for r in served[len(BATCH_LINES) :]] == ["FINISH_REASON_STOP"] * (
         len(lines) - len(BATCH_LINES)
     )
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import json_format
 
 from client import Chunk, ShoalError, build_request
 from client.batch import BatchJob, count_failed, parse_lines, result_record, write_records
@@ -176,7 +177,7 @@ def test_batch_lines_become_jobs_or_error_records() -> None:
     lines = [
         json.dumps({"request_id": "a", "prompt": "hi", "max_new_tokens": 3, "priority": "LOW"}),
         "",
-        json.dumps({"prompt_token_ids": [1, 2], "max_new_tokens": 2, "priority": 1}),
+        json.dumps({"promptTokenIds": [1, 2], "maxNewTokens": "2", "priority": 1, "seed": "7"}),
         "{not json",
         json.dumps({"prompt": "x", "colour": "blue"}),
         json.dumps({"prompt": "x", "priority": "URGENT"}),
@@ -184,23 +185,32 @@ def test_batch_lines_become_jobs_or_error_records() -> None:
         json.dumps({"prompt": "x", "max_new_tokens": "many"}),
         json.dumps([1, 2]),
         json.dumps({"request_id": 7, "prompt": "x"}),
+        json.dumps({"prompt": "x", "priority": 7}),
+        json.dumps({"requestId": "b", "prompt": "x", "priority": "PRIORITY_HIGH"}),
     ]
     items = parse_lines(lines)
-    assert len(items) == 9  # the blank line is skipped but still counted
-    a, ids = items[0], items[1]
-    assert isinstance(a, BatchJob) and a.request_id == "a" and a.params["priority"] == "LOW"
+    assert len(items) == 11  # the blank line is skipped but still counted
+    a, ids, b = items[0], items[1], items[-1]
+    assert isinstance(a, BatchJob) and a.request_id == "a" and a.params["priority"] == 3
+    assert a.params["max_new_tokens"] == 3 and a.params["prompt"] == "hi"
     assert isinstance(ids, BatchJob) and ids.request_id == "line-3" and ids.line_no == 3
     assert "request_id" not in ids.params  # the server picks a unique id
+    assert ids.params["prompt_token_ids"] == [1, 2] and ids.params["seed"] == 7
+    assert ids.params["max_new_tokens"] == 2 and "prompt" not in ids.params
+    assert isinstance(b, BatchJob) and b.request_id == "b" and b.params["priority"] == 1
+    # The job rebuilds exactly the request the line is the proto JSON of.
+    assert build_request(**b.params) == json_format.Parse(lines[-1], pb.GenerateRequest())
     errors = {i["request_id"]: i["error"] for i in items if isinstance(i, dict)}
     assert errors["line-4"].startswith("line 4: INVALID_ARGUMENT: ")
     assert errors["line-5"] == "line 5: INVALID_ARGUMENT: unknown field 'colour'"
-    assert "priority must be one of HIGH, NORMAL, LOW" in errors["line-6"]
+    assert "priority must be one of PRIORITY_UNSPECIFIED, PRIORITY_HIGH" in errors["line-6"]
     assert errors["a"] == "line 7: INVALID_ARGUMENT: request_id 'a' is used twice"
-    assert errors["line-8"].startswith("line 8: INVALID_ARGUMENT:")
+    assert errors["line-8"] == (
+        "line 8: INVALID_ARGUMENT: max_new_tokens must be an integer in [0, 2**32) (got 'many')"
+    )
     assert errors["line-9"] == "line 9: INVALID_ARGUMENT: line is not a JSON object"
-    last = items[-1]  # a numeric id is kept as text; a missing max_new_tokens is sent as 0
-    assert isinstance(last, BatchJob) and last.request_id == "7"
-    assert last.params["max_new_tokens"] == 0
+    assert errors["7"] == "line 10: INVALID_ARGUMENT: request_id must be a string (got 7)"
+    assert "priority" in errors["line-11"]  # a number the wire enum does not have
 
 
 def test_records_are_written_one_json_object_a_line(tmp_path: Path) -> None:
@@ -222,7 +232,7 @@ def test_records_are_written_one_json_object_a_line(tmp_path: Path) -> None:
         "request_id": "line-1",
         "token_ids": [5, 6, 7],
         "text": "café",
-        "finish_reason": "EOS",
+        "finish_reason": "FINISH_REASON_EOS",
         "usage": {"prompt_tokens": 1, "completion_tokens": 3},
     }
     write_records(tmp_path / "out.jsonl", records)

@@ -191,16 +191,45 @@ def test_model_info_stats_and_reflection(server: RunningServer) -> None:
     stats = stub.GetStats(pb.GetStatsRequest())
     assert [w.worker for w in stats.workers] == [0, 1] and all(w.alive for w in stats.workers)
     assert stats.total.kv_blocks_total == sum(w.kv_blocks_total for w in stats.workers) > 0
-    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2
 
-    with grpc.insecure_channel(server.target) as channel:
-        reply = next(
-            reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    # Reflection v1 and v1alpha (the messages are the same; tests/test_reflection.py).
+    for version in ("v1", "v1alpha"):
+        with grpc.insecure_channel(server.target) as channel:
+            info = channel.stream_stream(
+                f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
             )
-        )
-    names = {s.name for s in reply.list_services_response.service}
-    assert {"shoal.v1.Inference", "grpc.health.v1.Health"} <= names
+            reply = next(info(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in reply.list_services_response.service}
+        assert {"shoal.v1.Inference", "grpc.health.v1.Health"} <= names, version
+        assert f"grpc.reflection.{version}.ServerReflection" in names, version
+
+
+def test_a_stream_deadline_ends_only_that_listener(server: RunningServer) -> None:
+    """inference.proto: a Stream's own deadline does not cancel the request; a Cancel ends
+    the other listeners with a last chunk (no tokens, FINISH_REASON_CANCELLED, usage)."""
+    stub = server.stub()
+    long = pb.GenerateRequest(prompt="runs on", max_new_tokens=2000, ignore_eos=True)
+    request_id = stub.Submit(long).request_id
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Stream(pb.StreamRequest(request_id=request_id), timeout=0.5))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    listener = stub.Stream(pb.StreamRequest(request_id=request_id), timeout=30)
+    assert next(listener).finish_reason == pb.FINISH_REASON_UNSPECIFIED  # still running
+    assert stub.Cancel(pb.CancelRequest(request_id=request_id)).cancelled
+    last = list(listener)[-1]
+    assert last.finish_reason == pb.FINISH_REASON_CANCELLED
+    assert last.usage.completion_tokens == last.index + len(last.token_ids)
+    replay = list(stub.Stream(pb.StreamRequest(request_id=request_id, from_index=0)))
+    assert replay[-1].usage == last.usage
+    end = last.usage.completion_tokens
+    (tail,) = stub.Stream(pb.StreamRequest(request_id=request_id, from_index=end))
+    assert (tail.index, list(tail.token_ids), tail.usage) == (end, [], last.usage)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Stream(pb.StreamRequest(request_id=request_id, from_index=end + 1)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 # The tests below start their own server with `servers`, which stops it at teardown and

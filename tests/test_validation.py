@@ -1,8 +1,9 @@
 """validate(): every bad field is refused with its name and limit; good requests pass through.
 
 Requests are built as protobuf messages and cross the gRPC edge
-(`fields_from_proto`) first, as the server does; the JSON edge (`from_json`)
-is checked at the end.
+(`fields_from_proto`) first, as the server does; the JSON edge
+(`fields_from_json`: proto JSON, server/proto_json.py; more in
+tests/test_proto_json.py) is checked at the end.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from tokenizers import Tokenizer
 
 from server.chat import ChatTemplate, ChatTemplateError
 from server.prompts import PromptEncoder
+from server.proto_json import fields_from_json
 from server.servicer import fields_from_proto
 from server.validation import (
     InvalidRequest,
     Limits,
     RequestFields,
     ValidatedRequest,
-    from_json,
 )
 from server.validation import validate as validate_fields
 from shoal.v1 import inference_pb2 as pb
@@ -143,7 +144,7 @@ def test_limits_are_inclusive(tokenizer: Tokenizer) -> None:
         ({"prompt_token_ids": [5, 512]}, ["prompt_token_ids[1]", "512"]),
         ({"prompt_token_ids": [1] * 60, "max_new_tokens": 41}, ["prompt", "max_new_tokens", "100"]),
         ({"prompt_token_ids": [1] * 101, "max_new_tokens": 1}, ["prompt", "101", "100"]),
-        ({"max_new_tokens": 0}, ["max_new_tokens", "[1, 50]"]),
+        ({"max_new_tokens": 0}, ["max_new_tokens", "[1, 50]", "(got 0: not set, or 0)"]),
         ({"max_new_tokens": 51}, ["max_new_tokens", "[1, 50]", "51"]),
         ({"temperature": -0.5}, ["temperature", ">= 0"]),
         ({"temperature": float("nan")}, ["temperature", ">= 0", "nan"]),
@@ -197,44 +198,45 @@ def test_text_prompt_over_the_context(tokenizer: Tokenizer) -> None:
 
 def test_json_edge_checks_types_and_names_unknown_fields(tokenizer: Tokenizer) -> None:
     line = {"prompt": "hi", "max_new_tokens": 3, "min_p": 0.1, "priority": "high", "seed": 5}
-    valid = validate_fields(from_json(line), LIMITS, tokenizer)
-    assert valid.priority == Priority.HIGH and valid.params.min_p == 0.1
+    valid = validate_fields(fields_from_json(line), LIMITS, tokenizer)
+    assert valid.priority == Priority.HIGH and valid.params.min_p == pytest.approx(0.1)
     assert valid.params.seed == 5 and valid.prompt_ids == tokenizer.encode_text("hi")
-    assert from_json({}) == RequestFields()
+    assert fields_from_json({}) == fields_from_proto(pb.GenerateRequest())
+    assert fields_from_json({"max_new_tokens": "3"}).max_new_tokens == 3  # proto JSON allows it
     bad = [
         ([1], "a JSON object"),
         ({"colour": "blue"}, "unknown field 'colour'"),
-        ({"max_new_tokens": "3"}, "max_new_tokens must be an integer"),
-        ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer"),
+        ({"max_new_tokens": 2.5}, r"max_new_tokens must be an integer in \[0, 2\*\*32\)"),
         ({"max_new_tokens": True}, "max_new_tokens must be an integer"),
         ({"temperature": "hot"}, "temperature must be a number"),
-        ({"prompt_token_ids": [1, "2"]}, "prompt_token_ids must be a list of integers"),
+        ({"prompt_token_ids": [1, "two"]}, r"prompt_token_ids\[1\] must be an integer"),
         ({"stop": "x"}, "stop must be a list of strings"),
         ({"ignore_eos": 1}, "ignore_eos must be true or false"),
     ]
     for obj, message in bad:
         with pytest.raises(InvalidRequest, match=message):
-            from_json(obj)
+            fields_from_json(obj)
 
 
 @pytest.mark.parametrize(
     ("fields", "words"),
     [
-        ({"priority": "URGENT"}, ["priority", "HIGH, NORMAL or LOW", "URGENT"]),
-        ({"max_new_tokens": -1}, ["max_new_tokens", "[1, 50]"]),
-        ({"top_k": -1}, ["top_k", "[0, 512]"]),
+        ({"priority": "URGENT"}, ["priority", "PRIORITY_HIGH", "HIGH, NORMAL, LOW", "URGENT"]),
+        ({"max_new_tokens": -1}, ["max_new_tokens", "[0, 2**32)", "-1"]),
+        ({"top_k": -1}, ["top_k", "[0, 2**32)"]),
         ({"seed": -1}, ["seed", "2**64"]),
         ({"seed": 2**64}, ["seed", "2**64"]),
-        ({"prompt_token_ids": [1, -2]}, ["prompt_token_ids[1]", "-2", "[0, 512)"]),
-        ({"stop_token_ids": [-1]}, ["stop_token_ids[0]", "[0, 512)"]),
+        ({"seed": str(2**64)}, ["seed", "2**64"]),
+        ({"prompt_token_ids": [1, -2]}, ["prompt_token_ids[1]", "-2", "[0, 2**32)"]),
+        ({"stop_token_ids": [-1]}, ["stop_token_ids[0]", "[0, 2**32)"]),
     ],
 )
-def test_values_only_json_can_carry_are_refused(
-    tokenizer: Tokenizer, fields: dict[str, Any], words: list[str]
+def test_values_the_proto_cannot_carry_are_refused_by_the_json_edge(
+    fields: dict[str, Any], words: list[str]
 ) -> None:
     base = {"prompt_token_ids": [1, 2, 3], "max_new_tokens": 4}
     with pytest.raises(InvalidRequest) as info:
-        validate_fields(from_json({**base, **fields}), LIMITS, tokenizer)
+        fields_from_json({**base, **fields})
     for word in words:
         assert word in str(info.value), (word, str(info.value))
 
@@ -248,7 +250,7 @@ def test_messages_are_rendered_with_the_chat_template(tokenizer: PromptEncoder) 
     rendered = "<system>Be brief.</s>\n<user>¿Dónde? 你好</s>\n<assistant>"
     assert valid.prompt_ids == tokenizer.tokenizer.encode(rendered, add_special_tokens=False).ids
     line = {"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 2}
-    from_jsonl = validate_fields(from_json(line), LIMITS, tokenizer)
+    from_jsonl = validate_fields(fields_from_json(line), LIMITS, tokenizer)
     assert tokenizer.tokenizer.decode(from_jsonl.prompt_ids) == "<user>hi</s>\n<assistant>"
 
 

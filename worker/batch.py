@@ -5,10 +5,16 @@
 
 The same request pipeline as the server (server/frontend.py: one validation,
 the pending queue, one detokenizer and stop-string matcher) over the engine
-in this process (worker/inprocess.py) instead of worker processes. Input
-lines carry GenerateRequest field names; output lines carry request_id,
-token_ids, text, finish_reason and usage, in input order. A bad line is
-answered with an `error` naming its line number and field; the rest still run.
+in this process (worker/inprocess.py) instead of worker processes.
+
+Each input line is the proto JSON of a GenerateRequest, parsed by protobuf's
+json_format (server/proto_json.py): what grpcurl sends and `MessageToJson`
+writes (snake_case or camelCase names, "PRIORITY_HIGH", 64-bit integers as
+strings), plus the short priority names ("HIGH", "low"). Output lines, in
+input order, carry request_id, token_ids, text, finish_reason (the proto name,
+"FINISH_REASON_STOP") and usage: the proto JSON of one GenerateChunk holding
+the whole completion. A bad line is answered with an `error` naming its line
+number and field; the rest still run.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from typing import Any
 
 from server.config import ServerConfig
 from server.frontend import Frontend
+from server.proto_json import fields_from_proto, finish_reason_name, request_from_json
 from server.requests import RequestError, RequestState
-from server.validation import InvalidRequest, from_json, validate
+from server.validation import validate
 from worker.batch_processor import BatchProcessor
 from worker.channel.types import DEFAULT_KV_CACHE_MB
 from worker.engine_core import EngineCore
@@ -59,13 +66,10 @@ def read_lines(path: Path) -> list[tuple[int, str]]:
 
 def submit_line(front: Frontend, line_no: int, line: str) -> RequestState:
     """Parse, validate and queue one line; InvalidRequest / ValueError names the field."""
-    try:
-        obj = json.loads(line)
-    except ValueError as err:
-        raise InvalidRequest(f"not a JSON object ({err})") from None
-    if isinstance(obj, dict) and not obj.get("request_id"):
-        obj = {**obj, "request_id": f"line-{line_no}"}
-    request = validate(from_json(obj), front.limits(), front.prompts)
+    message = request_from_json(line)
+    if not message.request_id:
+        message.request_id = f"line-{line_no}"
+    request = validate(fields_from_proto(message), front.limits(), front.prompts)
     return front.submit(request)
 
 
@@ -86,7 +90,7 @@ async def collect(state: RequestState, progress: ProgressBar) -> dict[str, Any]:
         "request_id": state.request_id,
         "token_ids": tokens,
         "text": "".join(text),
-        "finish_reason": state.finish_reason.name,
+        "finish_reason": finish_reason_name(state.finish_reason),
         "usage": {"prompt_tokens": len(state.request.prompt_ids), "completion_tokens": len(tokens)},
     }
 
@@ -139,7 +143,7 @@ def _line_id(line: str, line_no: int) -> str:
         obj = json.loads(line)
     except ValueError:
         obj = None
-    asked = obj.get("request_id") if isinstance(obj, dict) else None
+    asked = (obj.get("request_id") or obj.get("requestId")) if isinstance(obj, dict) else None
     return str(asked or f"line-{line_no}")
 
 
