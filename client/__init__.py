@@ -11,7 +11,7 @@ ShoalError, a grpc.RpcError whose `.code` / `.details` are attributes.
 """
 
 from client.aio import AsyncShoalClient
-from client.channel import channel_target
+from client.channel import channel_credentials, channel_target
 from client.errors import ShoalError
 from client.request import build_request, parse_priority
 from client.sync import DEFAULT_TARGET, ShoalClient
@@ -30,6 +30,7 @@ __all__ = [
     "Usage",
     "WorkerStats",
     "build_request",
+    "channel_credentials",
     "channel_target",
     "parse_priority",
 ]

@@ -10,7 +10,7 @@ from typing import Any, Unpack
 import grpc
 import grpc.aio
 
-from client.channel import Target, auth_metadata, channel_target
+from client.channel import Pem, Target, auth_metadata, channel_credentials, channel_target
 from client.errors import ShoalError
 from client.request import RequestParams, build_request
 from client.sync import DEFAULT_TARGET
@@ -42,10 +42,21 @@ class AsyncShoalClient:
         timeout: float | None = None,
         wait_for_ready: bool = False,
         options: Iterable[tuple[str, str | int]] = (),
+        tls: bool = False,
+        tls_ca: Pem | None = None,
+        tls_cert: Pem | None = None,
+        tls_key: Pem | None = None,
     ) -> None:
-        self.target, channel_options = channel_target(target, options)
+        credentials = channel_credentials(tls_ca, tls_cert, tls_key, tls=tls)
+        tls = credentials is not None
+        self.target, channel_options = channel_target(target, options, tls=tls)
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(self.target, options=channel_options)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=channel_options)
+        else:
+            self._channel = grpc.aio.secure_channel(
+                self.target, credentials, options=channel_options
+            )
         self._metadata = auth_metadata(auth_token)
         self._wait_for_ready = wait_for_ready
         self.stub = pb_grpc.InferenceStub(self._channel)

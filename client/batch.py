@@ -23,9 +23,9 @@ import grpc
 
 from client.errors import ShoalError
 from client.progress import Progress
-from client.proto_json import parse_message
 from client.request import build_request
 from client.types import Chunk, Completion, CompletionBuilder
+from shoal.proto_json import parse_message
 from shoal.v1 import inference_pb2 as pb
 
 Record = dict[str, Any]

@@ -11,17 +11,28 @@ nothing to a server that is not SERVING (draining on shutdown, or no worker up),
 that a server refuses with UNAVAILABLE before answering anything is retried (at most twice
 more, on the next server). Without these a server that is shutting down keeps accepting
 calls and fails every one it is picked for until it exits.
+
+TLS: `channel_credentials(tls_ca, tls_cert, tls_key)` gives the credentials of a secure
+channel (or None for a plaintext one). The server's certificate must name the host the
+target gives: its IP address as a subjectAltName when the target is an IP, its DNS name
+otherwise. For several servers use one DNS name (dns:///name:port) that every server's
+certificate carries.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import socket
 from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import grpc
 
 Target = str | Sequence[str]
 ChannelOptions = list[tuple[str, str | int]]
+Pem = str | os.PathLike[str] | bytes  # a PEM file's path, or its contents
 
 ROUND_ROBIN_CONFIG = json.dumps(
     {
@@ -90,8 +101,12 @@ def static_list_target(addresses: Sequence[str]) -> str:
     return "ipv6:" + ",".join(f"[{ip}]:{port}" for ip, port in resolved)
 
 
+# Channel options that name the host a TLS server's certificate is checked against.
+_NAME_OPTIONS = ("grpc.default_authority", "grpc.ssl_target_name_override")
+
+
 def channel_target(
-    target: Target, options: Iterable[tuple[str, str | int]] = ()
+    target: Target, options: Iterable[tuple[str, str | int]] = (), *, tls: bool = False
 ) -> tuple[str, ChannelOptions]:
     """The (target, options) pair to open a channel with.
 
@@ -99,6 +114,11 @@ def channel_target(
     - several targets (a list, or a comma-separated string): a static address list
       balanced round_robin.
     - "dns:///name:port": every address the name resolves to, round_robin.
+
+    With `tls`, every server's certificate is checked against one name (gRPC checks the
+    channel's authority, not each address): several targets must then give the same host
+    (say "10.0.0.5:5001,10.0.0.5:5002"), unless an option in `_NAME_OPTIONS` names it;
+    servers on different hosts go behind one DNS name (dns:///name:port) instead.
     """
     addresses = split_targets(target)
     opts: ChannelOptions = list(options)
@@ -110,12 +130,54 @@ def channel_target(
         raise ValueError("several targets must be plain host:port, without a scheme")
     else:
         resolved = static_list_target(addresses)
+        if tls and not any(name in _NAME_OPTIONS for name, _ in opts):
+            hosts = {_host_port(a)[0] for a in addresses}
+            if len(hosts) > 1:
+                raise ValueError(
+                    "with TLS, several targets must share one host name, which every server's "
+                    "certificate carries: use dns:///NAME:PORT for servers on several hosts"
+                )
+            opts.append(("grpc.default_authority", addresses[0]))
     if not any(name == "grpc.service_config" for name, _ in opts):
         opts.append(("grpc.service_config", ROUND_ROBIN_CONFIG))
     return resolved, opts
 
 
+def _read_pem(value: Pem, name: str) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    try:
+        return Path(value).read_bytes()
+    except OSError as err:
+        raise ValueError(f"{name} {os.fspath(value)}: {err.strerror or err}") from None
+
+
+def channel_credentials(
+    tls_ca: Pem | None = None,
+    tls_cert: Pem | None = None,
+    tls_key: Pem | None = None,
+    *,
+    tls: bool = False,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials, or None (plaintext) when no TLS argument is given.
+
+    `tls_ca`: the CA certificate(s) the server's certificate must chain to (default: the
+    system's roots). `tls_cert` + `tls_key`: this client's certificate for mutual TLS.
+    `tls=True` asks for TLS with the system's roots and no other argument. Each is a path
+    or the PEM bytes; ValueError names the one that can't be read or is given alone."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key (a client certificate) go together")
+    if not tls and tls_ca is None and tls_cert is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=None if tls_ca is None else _read_pem(tls_ca, "tls_ca"),
+        private_key=None if tls_key is None else _read_pem(tls_key, "tls_key"),
+        certificate_chain=None if tls_cert is None else _read_pem(tls_cert, "tls_cert"),
+    )
+
+
 def auth_metadata(auth_token: str | None) -> tuple[tuple[str, str], ...]:
-    """Per-call metadata: insecure channels can't carry call credentials, so the bearer
-    token travels as a plain `authorization` header."""
+    """Per-call metadata: the bearer token as an `authorization` header, on plaintext and
+    TLS channels alike (gRPC's call credentials refuse plaintext channels). Without TLS
+    it travels in clear text: trusted networks only."""
     return (("authorization", f"Bearer {auth_token}"),) if auth_token else ()

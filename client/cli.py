@@ -1,7 +1,7 @@
 """Argument parsing for `python -m client`; the commands themselves live in client.commands.
 
-Global options (--target, --auth-token, --timeout) are accepted before or after the
-command name, so `python -m client stats --target h:1` works as well.
+Global options (--target, --auth-token, --timeout, the --tls* ones) are accepted before or
+after the command name, so `python -m client stats --target h:1` works as well.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from client.sync import DEFAULT_TARGET
 TARGET_ENV = "SHOAL_TARGET"
 TOKEN_ENV = "SHOAL_AUTH_TOKEN"
 HTTP_TARGET_ENV = "SHOAL_HTTP_TARGET"
+# --tls-ca / --tls-cert / --tls-key: PEM files, each also from an environment variable.
+TLS_ENVS = {"tls_ca": "SHOAL_TLS_CA", "tls_cert": "SHOAL_TLS_CERT", "tls_key": "SHOAL_TLS_KEY"}
 DEFAULT_HTTP_TARGET = "http://127.0.0.1:8000"
 
 
@@ -75,6 +77,25 @@ def _global_options(defaults: bool) -> argparse.ArgumentParser:
         type=float,
         default=None if defaults else suppress,
         help="deadline of each call in seconds (default: none)",
+    )
+    tls_help = {
+        "tls_ca": "TLS: the CA certificate (PEM) the server's certificate must chain to",
+        "tls_cert": "mutual TLS: this client's certificate (PEM), with --tls-key",
+        "tls_key": "mutual TLS: this client's private key (PEM), with --tls-cert",
+    }
+    for dest, text in tls_help.items():
+        env = TLS_ENVS[dest]
+        p.add_argument(
+            "--" + dest.replace("_", "-"),
+            metavar="FILE",
+            default=(os.environ.get(env) or None) if defaults else suppress,
+            help=f"{text} (env {env})",
+        )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        default=False if defaults else suppress,
+        help="TLS with the system's root certificates (implied by --tls-ca or --tls-cert)",
     )
     return p
 
@@ -218,6 +239,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.target = split_targets(raw)
     except ValueError as err:
         parser.error(str(err))
+    _check_tls(parser, args)
     if args.command in ("generate", "submit"):
         if args.prompt == "-":
             args.prompt = sys.stdin.read()
@@ -230,6 +252,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.command == "bench":
         _check_bench(parser, args)
     return args
+
+
+def _check_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key (a client certificate) go together")
+    for dest in TLS_ENVS:
+        path = getattr(args, dest)
+        if path is not None and not Path(path).is_file():
+            parser.error(f"--{dest.replace('_', '-')} {path}: no such file")
+
+
+def client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The ShoalClient / AsyncShoalClient keyword arguments the global options give."""
+    names = ("auth_token", "timeout", "tls", *TLS_ENVS)
+    return {name: getattr(args, name) for name in names}
 
 
 def _check_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -16,7 +16,13 @@ import grpc
 from client.aio import AsyncShoalClient
 from client.batch import count_failed, parse_lines, run_batch, write_records
 from client.bench import BenchDriver, BenchPlan, GrpcDriver, run_bench, summarize, summary_table
-from client.cli import parse_args, request_params, sampling_params, system_turn
+from client.cli import (
+    client_kwargs,
+    parse_args,
+    request_params,
+    sampling_params,
+    system_turn,
+)
 from client.errors import ShoalError
 from client.progress import Progress
 from client.sync import ShoalClient
@@ -144,9 +150,7 @@ async def cmd_batch(args: argparse.Namespace) -> int:
         if isinstance(item, dict):
             progress.note(item["error"])
     started = time.perf_counter()
-    async with AsyncShoalClient(
-        args.target, auth_token=args.auth_token, timeout=args.timeout
-    ) as client:
+    async with AsyncShoalClient(args.target, **client_kwargs(args)) as client:
         records = await run_batch(client, items, args.concurrency, progress)
     progress.close()
     write_records(args.output, records)
@@ -182,9 +186,7 @@ async def cmd_bench(args: argparse.Namespace) -> int:
             return 1
         async with driver:
             return await _bench(driver, plan, args)
-    async with AsyncShoalClient(
-        args.target, auth_token=args.auth_token, timeout=args.timeout
-    ) as client:
+    async with AsyncShoalClient(args.target, **client_kwargs(args)) as client:
         return await _bench(GrpcDriver(client, args.vocab_size), plan, args)
 
 
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(cmd_batch(args))
         if args.command == "bench":
             return asyncio.run(cmd_bench(args))
-        with ShoalClient(args.target, auth_token=args.auth_token, timeout=args.timeout) as client:
+        with ShoalClient(args.target, **client_kwargs(args)) as client:
             return COMMANDS[args.command](client, args)
     except grpc.RpcError as rpc_err:
         err = ShoalError.from_rpc(rpc_err)

@@ -8,7 +8,7 @@ from typing import Any, Unpack
 
 import grpc
 
-from client.channel import Target, auth_metadata, channel_target
+from client.channel import Pem, Target, auth_metadata, channel_credentials, channel_target
 from client.errors import ShoalError
 from client.request import RequestParams, build_request
 from client.types import (
@@ -33,6 +33,10 @@ class ShoalClient:
     call, None = none; a method's own `timeout=` overrides it. `wait_for_ready` makes calls
     wait for a server that isn't up yet instead of failing UNAVAILABLE at once.
 
+    TLS: `tls_ca` (the CA that signed the server's certificate; a path or PEM bytes), and
+    for mutual TLS `tls_cert` + `tls_key` (this client's certificate); `tls=True` alone uses
+    the system's roots. Without any of them the channel is plaintext.
+
     Failed calls raise `ShoalError` (a grpc.RpcError with `.code` and `.details`)."""
 
     def __init__(
@@ -43,10 +47,19 @@ class ShoalClient:
         timeout: float | None = None,
         wait_for_ready: bool = False,
         options: Iterable[tuple[str, str | int]] = (),
+        tls: bool = False,
+        tls_ca: Pem | None = None,
+        tls_cert: Pem | None = None,
+        tls_key: Pem | None = None,
     ) -> None:
-        self.target, channel_options = channel_target(target, options)
+        credentials = channel_credentials(tls_ca, tls_cert, tls_key, tls=tls)
+        tls = credentials is not None
+        self.target, channel_options = channel_target(target, options, tls=tls)
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(self.target, options=channel_options)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(self.target, options=channel_options)
+        else:
+            self._channel = grpc.secure_channel(self.target, credentials, options=channel_options)
         self._metadata = auth_metadata(auth_token)
         self._wait_for_ready = wait_for_ready
         self.stub = pb_grpc.InferenceStub(self._channel)  # raw access, e.g. for odd requests

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +21,15 @@ from server.config import ServerConfig
 from server.frontend import Frontend
 from server.http_api import build_http_app, served_model_id
 from server.reflection import enable_reflection
-from server.servicer import AuthInterceptor, InferenceServicer, MetricsInterceptor
+from server.servicer import (
+    SERVER_OPTIONS,
+    AuthInterceptor,
+    InferenceServicer,
+    MetricsInterceptor,
+    add_inference_servicer,
+)
 from server.worker_pool import WorkerPool
 from shoal.v1 import inference_pb2 as pb
-from shoal.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger("shoal")
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -33,10 +39,12 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     """Run until SIGTERM / SIGINT, then drain and return (the process exits 0).
 
     SystemExit with the reason when it cannot serve at all: the model path is
-    missing, the port is taken, or no worker could load the model.
+    missing, the port is taken, the TLS files are unusable, or no worker could load the model.
     """
     if not Path(config.model).exists():
         raise SystemExit(f"--model {config.model}: no such file or directory")
+    if config.tls_enabled:
+        server_ssl_context(config)  # unusable TLS files fail here, before any worker starts
     stop = asyncio.Event()
     fatal: list[str] = []
 
@@ -51,14 +59,19 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(frontend.metrics)]
     if config.auth_token:
         interceptors.append(AuthInterceptor(config.auth_token))
-    # No SO_REUSEPORT: a second server on a taken port must fail, not share it silently.
-    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(frontend), server)
+    # SERVER_OPTIONS: no SO_REUSEPORT (a taken port must fail), gRPC's receive limit.
+    server = grpc.aio.server(interceptors=interceptors, options=list(SERVER_OPTIONS))
+    # Not add_InferenceServicer_to_server: bad bytes must get INVALID_ARGUMENT (servicer.py).
+    add_inference_servicer(InferenceServicer(frontend), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection((SERVICE, health.SERVICE_NAME), server)  # v1 and v1alpha
+    credentials = grpc_credentials(config) if config.tls_enabled else None
     try:
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        if credentials is None:
+            port = server.add_insecure_port(f"{config.host}:{config.port}")
+        else:
+            port = server.add_secure_port(f"{config.host}:{config.port}", credentials)
     except RuntimeError as err:  # grpc reports a taken port this way
         raise SystemExit(f"--port {config.port} on {config.host}: {err}") from None
     address = f"{config.host}:{port}"
@@ -84,7 +97,13 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     http = start_http(config, frontend) if config.http_port else None
     await server.start()
     frontend.start()
-    log.info("shoal listening on %s (model %s, %d workers)", address, config.model, config.workers)
+    log.info(
+        "shoal listening on %s%s (model %s, %d workers)",
+        address,
+        tls_note(config),
+        config.model,
+        config.workers,
+    )
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -102,6 +121,53 @@ async def serve(config: ServerConfig, started: asyncio.Event | None = None) -> N
     if fatal:
         raise SystemExit(f"shoal: {fatal[0]}")
     log.info("stopped")
+
+
+def tls_note(config: ServerConfig) -> str:
+    if config.tls_client_ca:
+        return " with mutual TLS"
+    return " with TLS" if config.tls_enabled else ""
+
+
+def server_ssl_context(config: ServerConfig) -> ssl.SSLContext:
+    """The certificate, key and client CA checked as TLS will use them: a start with files
+    that are not PEM, or a key that is not the certificate's, fails naming the flag."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (ssl.SSLError, OSError) as err:
+        raise SystemExit(
+            f"--tls-cert {config.tls_cert} / --tls-key {config.tls_key}: {err}"
+        ) from None
+    if config.tls_client_ca:
+        try:
+            context.load_verify_locations(cafile=config.tls_client_ca)
+        except (ssl.SSLError, OSError) as err:
+            raise SystemExit(f"--tls-client-ca {config.tls_client_ca}: {err}") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def grpc_credentials(config: ServerConfig) -> grpc.ServerCredentials:
+    """TLS on the gRPC port; with a client CA, only clients with a certificate it signed."""
+    key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
+    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        ((key, cert),), root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def _uvicorn_tls(config: ServerConfig) -> dict[str, object]:
+    """uvicorn.Config's TLS settings: it builds its SSLContext from these (PROTOCOL_TLS_SERVER,
+    ALPN) and applies it to the sockets given to serve(sockets=...) too."""
+    if not config.tls_enabled:
+        return {}
+    return {
+        "ssl_certfile": config.tls_cert,
+        "ssl_keyfile": config.tls_key,
+        "ssl_ca_certs": config.tls_client_ca or None,
+        "ssl_cert_reqs": ssl.CERT_REQUIRED if config.tls_client_ca else ssl.CERT_NONE,
+    }
 
 
 class _QuietServer(uvicorn.Server):
@@ -138,12 +204,23 @@ def start_http(config: ServerConfig, frontend: Frontend) -> HttpFront:
         raise SystemExit(f"--http-port {config.http_port} on {config.host}: {err}") from None
     model_id = config.served_model_name or served_model_id(config.model)
     app = build_http_app(frontend, model_id, config.auth_token)
-    uv = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+    uv = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="off", **_uvicorn_tls(config)
+    )
+    uv.load()  # now, so a TLS setting uvicorn refuses fails the start
+    if config.tls_enabled and uv.ssl is None:
+        raise SystemExit("--tls-cert: uvicorn did not set up TLS for the HTTP API")
     server = _QuietServer(uv)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     host, port = sock.getsockname()[:2]
+    scheme = "https" if config.tls_enabled else "http"
     log.info(
-        "OpenAI-compatible API and chat page on http://%s:%d/ (model id %s)", host, port, model_id
+        "OpenAI-compatible API and chat page on %s://%s:%d/%s (model id %s)",
+        scheme,
+        host,
+        port,
+        tls_note(config),
+        model_id,
     )
     return HttpFront(server, task)
 

@@ -42,9 +42,17 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "aging_s": ("AGING_S", "a queued request moves up one priority class per this many s"),
     "retention_s": ("RETENTION_S", "seconds a finished result is kept for replay"),
     "retention_count": ("RETENTION_COUNT", "finished results kept for replay"),
+    "retention_mb": ("RETENTION_MB", "MiB of finished results' text and tokens kept for replay"),
     "drain_grace_s": ("DRAIN_GRACE_S", "seconds running requests get on shutdown"),
+    "max_resumptions": (
+        "MAX_RESUMPTIONS",
+        "a request on a worker at this many deaths in a row fails (1 = never resume one)",
+    ),
     "ring_mb": ("RING_MB", "shared-memory ring per direction, MiB"),
     "auth_token": ("AUTH_TOKEN", "bearer token clients must send (empty = auth off)"),
+    "tls_cert": ("TLS_CERT", "TLS: the server's certificate chain, PEM (with --tls-key)"),
+    "tls_key": ("TLS_KEY", "TLS: the server's private key, PEM (with --tls-cert)"),
+    "tls_client_ca": ("TLS_CLIENT_CA", "mutual TLS: CA that client certificates must chain to"),
     "log_level": ("LOG_LEVEL", "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
     "log_format": ("LOG_FORMAT", "text (readable) or json (one object per line)"),
 }
@@ -69,9 +77,14 @@ class ServerConfig:
     aging_s: float = 10.0
     retention_s: float = 300.0
     retention_count: int = 10000
+    retention_mb: float = 256.0
     drain_grace_s: float = 30.0
+    max_resumptions: int = 3
     ring_mb: int = 4
     auth_token: str = field(default="", repr=False)  # a secret: kept out of logs
+    tls_cert: str = ""  # TLS on gRPC and HTTP when set (with tls_key)
+    tls_key: str = ""
+    tls_client_ca: str = ""  # and mutual TLS when set
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -82,11 +95,13 @@ class ServerConfig:
             raise ValueError(_named("host", "must not be empty"))
         for name in ("port", "http_port", "metrics_port"):
             _check(name, getattr(self, name), lambda v: 0 <= v <= MAX_PORT, f"in [0, {MAX_PORT}]")
-        for name in ("workers", "max_queue_len", "max_new_tokens_limit", "ring_mb"):
+        at_least_one = ("workers", "max_queue_len", "max_new_tokens_limit", "ring_mb")
+        for name in (*at_least_one, "max_resumptions"):
             _check(name, getattr(self, name), lambda v: v >= 1, ">= 1")
         _check("aging_s", self.aging_s, lambda v: v > 0, "> 0")
-        for name in ("batch_timeout_ms", "retention_s", "retention_count", "drain_grace_s"):
+        for name in ("batch_timeout_ms", "retention_s", "retention_count", "retention_mb"):
             _check(name, getattr(self, name), lambda v: v >= 0, ">= 0")
+        _check("drain_grace_s", self.drain_grace_s, lambda v: v >= 0, ">= 0")
         try:  # the engine's own fields are checked by EngineConfig, named here with their flag
             self.engine  # noqa: B018
         except ValueError as err:
@@ -96,6 +111,7 @@ class ServerConfig:
             raise ValueError(_named("log_level", f"must be one of {', '.join(LOG_LEVELS)}"))
         if self.log_format not in LOG_FORMATS:
             raise ValueError(_named("log_format", f"must be one of {', '.join(LOG_FORMATS)}"))
+        self._check_tls()
         ports = [
             ("port", self.port),
             ("http_port", self.http_port),
@@ -106,6 +122,21 @@ class ServerConfig:
                 if value and value == taken:
                     raise ValueError(_named(name, f"must differ from {other} (got {value})"))
 
+    def _check_tls(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            given, missing = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
+            raise ValueError(_named(missing, f"must be set with --{given.replace('_', '-')}"))
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError(_named("tls_client_ca", "needs --tls-cert and --tls-key"))
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ValueError(_named(name, f"must name an existing file (got {path!r})"))
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert)
+
     @property
     def engine(self) -> EngineConfig:
         """Each worker's engine settings."""
@@ -115,6 +146,10 @@ class ServerConfig:
             prefill_token_budget=self.prefill_token_budget,
             device=self.device,
         )
+
+    @property
+    def retention_bytes(self) -> int:
+        return int(self.retention_mb * (1 << 20))
 
     @property
     def ring_bytes(self) -> int:

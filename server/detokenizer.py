@@ -24,6 +24,11 @@ CONTEXT_TOKENS = 4
 # Safety valve: a run this long with no clean boundary is garbage bytes that will
 # never complete; flush it instead of re-decoding an ever-growing window.
 MAX_PENDING_TOKENS = 64
+# A character is at most 4 bytes and every token adds at least one: text that has ended
+# in U+FFFD for this many tokens in a row holds bytes that can never form a character.
+# Those U+FFFD are sent then, all but the last (which may stand for the start of a new
+# character); without this a garbage byte run would be withheld up to MAX_PENDING_TOKENS.
+MAX_CHAR_BYTES = 4
 
 
 class TokenDecoder(Protocol):
@@ -59,18 +64,28 @@ class _StreamDecoder:
         self._window: list[int] = []
         self._context = 0  # leading tokens of the window that are context only
         self._emitted = 0  # characters of decode(window) already emitted
+        self._unclean = 0  # tokens in a row after which the text ended in U+FFFD
 
     def add(self, ids: Sequence[int]) -> str:
-        self._window.extend(i for i in ids if i not in self._skipped)
+        # One token at a time: a clean boundary inside `ids` must be seen (MAX_CHAR_BYTES).
+        return "".join([self._add_one(i) for i in ids if i not in self._skipped])
+
+    def _add_one(self, token: int) -> str:
+        self._window.append(token)
         text = self._decode(self._window)
         if text.endswith(REPLACEMENT):
             if len(self._window) - self._context > MAX_PENDING_TOKENS:
                 return self.flush()
-            # Only the trailing U+FFFD run can still change (more bytes may complete it).
+            self._unclean += 1
+            # The trailing U+FFFD run may still change (more bytes may complete it), unless
+            # it has lasted MAX_CHAR_BYTES tokens: then only its last one may.
             stable = len(text.rstrip(REPLACEMENT))
+            if self._unclean >= MAX_CHAR_BYTES:
+                stable = len(text) - 1
             delta = text[self._emitted : stable]
             self._emitted = max(self._emitted, stable)
             return delta
+        self._unclean = 0
         delta = text[self._emitted :]
         self._trim(text)
         return delta
@@ -78,7 +93,7 @@ class _StreamDecoder:
     def flush(self) -> str:
         """Everything not yet emitted, whole or not; the stream starts afresh."""
         delta = self._decode(self._window)[self._emitted :]
-        self._window, self._context, self._emitted = [], 0, 0
+        self._window, self._context, self._emitted, self._unclean = [], 0, 0, 0
         return delta
 
     def _trim(self, text: str) -> None:

@@ -81,7 +81,9 @@ class Frontend:
         self.config = config
         self.engine = engine
         self.queue: PendingQueue[RequestState] = PendingQueue(config.max_queue_len, config.aging_s)
-        self.registry = RequestRegistry(config.retention_s, config.retention_count)
+        self.registry = RequestRegistry(
+            config.retention_s, config.retention_count, config.retention_bytes
+        )
         self.workers: dict[int, WorkerState] = {}
         self.metrics = Metrics()
         self.metrics.observe_on_scrape(self.queue.lengths_by_priority, lambda: engine.restarts)
@@ -143,7 +145,7 @@ class Frontend:
         text = IncrementalText(self.prompts.tokenizer, request.stop)
         state = self.registry.create(request, text)
         try:
-            self.queue.push(state.request_id, state, request.priority)
+            self.queue.push(state.request_id, state, request.priority, state.arrival)
         except Exception:
             self.registry.discard(state)
             raise
@@ -227,8 +229,34 @@ class Frontend:
             worker.alive, worker.status = False, None
         self.metrics.worker_gone(index)
         for state in [s for s in self.registry.live.values() if s.worker == index]:
-            self._end(state, FinishReason.CANCELLED, RequestError("UNAVAILABLE", reason))
+            self._resume(state, reason)
         self.on_health_change(self.serving)
+        self._wake.set()
+
+    def _resume(self, state: RequestState, reason: str) -> None:
+        """Put a request whose worker died back at its rank, to go on from its tokens.
+
+        One that was on a worker at `max_resumptions` deaths (a likely poison request)
+        fails instead; a finished or cancelled one is no longer live, so never comes here.
+        """
+        deaths = state.resumptions + 1
+        if deaths >= self.config.max_resumptions:
+            message = (
+                f"{reason}; worker died {deaths} times while running this request; "
+                "it may be a poison request"
+            )
+            self._end(state, FinishReason.CANCELLED, RequestError("UNAVAILABLE", message))
+            return
+        state.resumptions, state.worker = deaths, None
+        self.queue.requeue(state.request_id, state, state.request.priority, state.arrival)
+        self.metrics.resumed_request()
+        log.warning(
+            "request %s resumed after %s (%d tokens so far, resumption %d)",
+            state.request_id,
+            reason,
+            len(state.token_ids),
+            deaths,
+        )
 
     # -- dispatch --------------------------------------------------------------------
     async def _dispatch_loop(self) -> None:
@@ -249,7 +277,7 @@ class Frontend:
     async def _dispatch(self) -> None:
         waited = False
         while (head := self.queue.peek()) is not None:
-            worker = self._target(len(head.request.prompt_ids))
+            worker = self._target(len(head.request.prompt_ids) + len(head.token_ids))
             if worker is None:
                 return  # the next Status wakes us
             if not waited and worker.idle and len(self.queue) < worker.credits()[0]:
@@ -259,11 +287,15 @@ class Frontend:
                 continue
             state = self.queue.pop()
             request = state.request
-            add = Add(state.handle, request.prompt_ids, request.params, request.priority)
-            state.worker, state.dispatched_at = worker.index, time.monotonic()
+            # A resumed request carries the tokens it has: the worker goes on after them.
+            generated = list(state.token_ids)
+            add = Add(state.handle, request.prompt_ids, request.params, request.priority, generated)
+            state.worker = worker.index
             worker.adds_sent += 1
             worker.add_tokens_sent += add.num_tokens
-            self.metrics.dispatched(state)
+            if state.dispatched_at is None:  # queue time: to the first dispatch
+                state.dispatched_at = time.monotonic()
+                self.metrics.dispatched(state)
             if not self.engine.send(worker.index, add):
                 gone = RequestError("UNAVAILABLE", f"worker {worker.index} went away")
                 self._end(state, FinishReason.CANCELLED, gone)

@@ -45,7 +45,7 @@ from server.openai_schema import (
 )
 from server.pending_queue import QueueFull
 from server.requests import DuplicateRequestId, RequestError, RequestState
-from server.validation import InvalidRequest, validate
+from server.validation import InvalidRequest, validate_off_loop
 from worker.channel.types import FinishReason
 
 STATIC = Path(__file__).parent / "static"
@@ -72,8 +72,9 @@ class HttpApi:
         self.fingerprint = f"shoal-{version('shoal')}"
 
     # -- requests ----------------------------------------------------------------------
-    def submit(self, body: CompletionRequest | ChatRequest) -> list[RequestState]:
-        """Validate and queue every choice of every prompt, or none of them."""
+    async def submit(self, body: CompletionRequest | ChatRequest) -> list[RequestState]:
+        """Validate and queue every choice of every prompt, or none of them (big prompts
+        are tokenized off the event loop: server/validation.py)."""
         if body.model and body.model != self.model_id:
             message = f"The model `{body.model}` does not exist (this server has {self.model_id})"
             raise ApiError(404, message, param="model", code="model_not_found")
@@ -83,9 +84,14 @@ class HttpApi:
             raise ApiError(503, reason, "service_unavailable")
         states: list[RequestState] = []
         try:
-            for choices in to_fields(body):
-                for fields in choices:
-                    states.append(front.submit(validate(fields, front.limits(), front.prompts)))
+            limits, prompts = front.limits(), front.prompts
+            checked = [
+                await validate_off_loop(fields, limits, prompts)
+                for choices in to_fields(body)
+                for fields in choices
+            ]
+            for validated in checked:
+                states.append(front.submit(validated))
         except Exception as err:
             for state in states:
                 front.cancel(state.request_id)
@@ -117,7 +123,7 @@ class HttpApi:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
 
     async def complete(self, body: CompletionRequest | ChatRequest, request: Request) -> Any:
-        states = self.submit(body)
+        states = await self.submit(body)
         answers = asyncio.ensure_future(asyncio.gather(*(_collect(s) for s in states)))
         gone = asyncio.ensure_future(_client_gone(request))
         try:
@@ -139,10 +145,10 @@ class HttpApi:
         reply["usage"] = self.usage(states, body.n)
         return reply
 
-    def stream(self, body: CompletionRequest | ChatRequest) -> StreamingResponse:
+    async def stream(self, body: CompletionRequest | ChatRequest) -> StreamingResponse:
         """Server-sent events; the requests are cancelled when the stream ends for any
         reason, also when the client leaves before the first event (the background task)."""
-        states = self.submit(body)  # errors before the first byte become a JSON error
+        states = await self.submit(body)  # errors before the first byte: a JSON error
         chat = isinstance(body, ChatRequest)
         head = self.envelope(_id(chat), "chat.completion.chunk" if chat else "text_completion")
 
@@ -273,7 +279,7 @@ def build_http_app(frontend: Frontend, model_id: str, auth_token: str = "") -> F
 
     async def answer(body: CompletionRequest | ChatRequest, request: Request) -> Any:
         if body.stream:
-            return api.stream(body)
+            return await api.stream(body)
         return await api.complete(body, request)
 
     @app.post("/v1/completions")

@@ -66,6 +66,7 @@ def configure(level: str, log_format: str) -> None:
 
 def request_fields(state: RequestState) -> dict[str, Any]:
     """The summary of a finished request (milliseconds since its arrival at the front)."""
+
     def ms(seconds: float | None) -> float | None:
         return None if seconds is None else round(seconds * 1000, 3)
 
@@ -80,6 +81,7 @@ def request_fields(state: RequestState) -> dict[str, Any]:
         "finish_reason": state.finish_reason.name.lower(),
         "error": state.error.code if state.error is not None else None,
         "worker": state.worker,  # null: never dispatched
+        "resumptions": state.resumptions,  # resumed after a worker died, this many times
     }
 
 
@@ -87,7 +89,9 @@ def _text(value: object) -> str:
     if value is None:
         return "-"
     text = str(value)
-    # Quote what would break `key=value` splitting (ids are client-chosen).
-    if not text or any(c in text for c in ' "=\n'):
-        return json.dumps(text, ensure_ascii=False)
+    # Quote what would break `key=value` splitting or the line (ids are client-chosen):
+    # control characters (\n, \r, ESC, ...) come out escaped as JSON escapes.
+    if not text or any(c in text for c in ' "=') or not text.isprintable():
+        quoted = json.dumps(text, ensure_ascii=False)  # escapes only " \\ and C0 controls
+        return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in quoted)
     return text

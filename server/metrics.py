@@ -75,6 +75,11 @@ class Metrics:
         )
         for reason in FINISH_LABELS:
             self.finished.labels(reason)
+        self.resumed = Counter(
+            "shoal_requests_resumed",
+            "Requests put back in the queue, with their tokens, after their worker died",
+            registry=r,
+        )
         self.queue_time = Histogram(
             "shoal_queue_time_seconds",
             "Arrival to dispatch to a worker",
@@ -156,6 +161,9 @@ class Metrics:
             self.ttft.observe(state.ttft_s or 0.0)
         else:
             self.inter_token.observe(state.last_token_at - previous)
+
+    def resumed_request(self) -> None:
+        self.resumed.inc()
 
     def request_finished(self, state: RequestState) -> None:
         self.finished.labels(finish_label(state)).inc()

@@ -4,6 +4,7 @@ A request's effective class improves by one per `aging_s` seconds waited, so a
 steady stream of HIGH requests cannot starve LOW ones for ever. One deque per
 class keeps FIFO order within a class; since everyone in a class ages at the
 same rate, each class's head is its best entry, and pop compares only the heads.
+`requeue` puts back a dispatched request whose worker died, at its original rank.
 """
 
 from __future__ import annotations
@@ -62,6 +63,14 @@ class PendingQueue(Generic[T]):
             raise QueueFull(f"pending queue is full (max_queue_len {self.max_queue_len})")
         self._add(key, item, priority, _now(now))
 
+    def requeue(self, key: str, item: T, priority: Priority, arrival: float) -> None:
+        """Put back a request that was dispatched already (its worker died), at its old rank.
+
+        It keeps its class and arrival (so its aging too), and goes ahead of every
+        later arrival of its class; never QueueFull: it was admitted once.
+        """
+        self._add(key, item, priority, arrival, resumed=True)
+
     def peek(self, now: float | None = None) -> T | None:
         """The entry pop would return, or None when empty."""
         best = self._best(_now(now))
@@ -98,12 +107,19 @@ class PendingQueue(Generic[T]):
         self._counts = dict.fromkeys(Priority, 0)
         return [e.item for e in entries]
 
-    def _add(self, key: str, item: T, priority: Priority, arrival: float) -> None:
+    def _add(
+        self, key: str, item: T, priority: Priority, arrival: float, resumed: bool = False
+    ) -> None:
         if key in self._index:
             raise ValueError(f"request {key!r} is already queued")
         priority = Priority(priority)
         entry = _Entry(key, item, priority, arrival, next(self._order))
-        self._classes[priority].append(entry)
+        queue = self._classes[priority]
+        if resumed:  # in arrival order: usually at the head, so the scan is short
+            at = next((i for i, e in enumerate(queue) if e.arrival > arrival), len(queue))
+            queue.insert(at, entry)
+        else:
+            queue.append(entry)
         self._index[key] = entry
         self._counts[priority] += 1
 

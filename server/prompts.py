@@ -14,6 +14,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from server.chat import ChatTemplate, ChatTemplateError
+from server.validation import OFF_LOOP_BYTES
 from worker.channel.messages import Ready
 
 
@@ -45,7 +46,7 @@ class PromptEncoder:
 
     def encode_text(self, text: str) -> list[int]:
         """A plain prompt, with the tokenizer's own special tokens (e.g. a BOS)."""
-        return list(self.tokenizer.encode(text).ids)
+        return _encode(self.tokenizer, text, add_special_tokens=True)
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """A conversation rendered with the chat template and `add_generation_prompt`.
@@ -60,4 +61,13 @@ class PromptEncoder:
                 or "this model has no chat template: send prompt or prompt_token_ids instead"
             )
         text = self.chat_template.render(messages)
-        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        return _encode(self.tokenizer, text, add_special_tokens=False)
+
+
+def _encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    """A big text (validation tokenizes those in a worker thread) goes through `encode_batch`,
+    which gives the same ids as `encode` but releases the GIL while it runs, so the event
+    loop runs on; a small one through `encode` (no thread pool, no GIL hand-over)."""
+    if len(text) <= OFF_LOOP_BYTES:
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+    return list(tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)

@@ -56,8 +56,13 @@ class RequestState:
     last_token_at: float | None = None
     finished_at: float | None = None
     worker: int | None = None
+    resumptions: int = 0  # times put back in the queue after its worker died
     token_ids: list[int] = field(default_factory=list)
     text_deltas: list[str] = field(default_factory=list)
+    # Text held back until the end (half a character, a possible stop-string prefix):
+    # it belongs to the end, not to a token, so a live listener past the last token
+    # gets it in the last chunk exactly as a replay from any index does.
+    tail: str = ""
     finish_reason: FinishReason = FinishReason.NONE
     error: RequestError | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -87,9 +92,7 @@ class RequestState:
         if self.finished:
             return
         if flush:
-            tail = self.text.finish()  # text held back in case a stop string followed
-            if tail and self.text_deltas:
-                self.text_deltas[-1] += tail
+            self.tail = self.text.finish()  # held back in case a stop string followed
             if self.text.stopped and reason != FinishReason.CANCELLED:
                 reason = FinishReason.STOP  # the flushed text completed a stop string
         self.finish_reason, self.error = reason, error
@@ -123,13 +126,13 @@ class RequestState:
             self.request_id,
             index,
             self.token_ids[index:],
-            "".join(self.text_deltas[index:]),
+            "".join(self.text_deltas[index:]) + self.tail,
         )
         if self.finished:
             chunk.finish_reason = self.finish_reason
             chunk.prompt_tokens = len(self.request.prompt_ids)
             chunk.queue_ms = (self.queue_s or 0.0) * 1000
-            chunk.ttft_ms = (self.ttft_s or self.total_s or 0.0) * 1000
+            chunk.ttft_ms = (self.ttft_s or 0.0) * 1000  # 0: no token came
             chunk.total_ms = (self.total_s or 0.0) * 1000
         return chunk
 
@@ -156,9 +159,13 @@ class DuplicateRequestId(ValueError):
 class RequestRegistry:
     """Live requests by id and by channel handle, plus retained finished ones."""
 
-    def __init__(self, retention_s: float, retention_count: int) -> None:
+    def __init__(
+        self, retention_s: float, retention_count: int, retention_bytes: int = 256 << 20
+    ) -> None:
         self.retention_s = retention_s
         self.retention_count = retention_count
+        self.retention_bytes = retention_bytes  # retained text + token bytes (retained_size)
+        self.retained_bytes = 0
         self.live: dict[str, RequestState] = {}
         self.by_handle: dict[int, RequestState] = {}
         self.retired: OrderedDict[str, RequestState] = OrderedDict()
@@ -186,12 +193,20 @@ class RequestRegistry:
         """Move a finished request to the bounded replay store."""
         self.discard(state)
         self.retired[state.request_id] = state
+        self.retained_bytes += retained_size(state)
         self.expire()
 
     def expire(self) -> None:
         horizon = time.monotonic() - self.retention_s
         while self.retired and (
             len(self.retired) > self.retention_count
+            or self.retained_bytes > self.retention_bytes
             or (next(iter(self.retired.values())).finished_at or 0) < horizon
         ):
-            self.retired.popitem(last=False)
+            self.retained_bytes -= retained_size(self.retired.popitem(last=False)[1])
+
+
+def retained_size(state: RequestState) -> int:
+    """What a retained result holds: its text (UTF-8) and 4 bytes per prompt or output token."""
+    text = sum(len(delta.encode()) for delta in state.text_deltas) + len(state.tail.encode())
+    return text + 4 * (len(state.request.prompt_ids) + len(state.token_ids))

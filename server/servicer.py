@@ -4,28 +4,47 @@ Requests become `RequestFields` (field by field, by name) and finish reasons map
 the wire enum in server/proto_json.py, the proto edge that the offline runner
 (`worker.batch`, which may not import gRPC) shares; this module adds the RPCs,
 the status codes and the interceptors.
+
+Malformed requests: `add_inference_servicer` registers the RPCs with request
+deserializers that never raise. Bytes that are not a request message (not
+protobuf, or a string field that is not UTF-8) and messages over
+MAX_REQUEST_BYTES get INVALID_ARGUMENT naming the fault (and the limit), with
+one log line, instead of gRPC's UNKNOWN and a traceback. gRPC's own receive
+limit (SERVER_OPTIONS) is set well above MAX_REQUEST_BYTES, so that its
+RESOURCE_EXHAUSTED, which the contract keeps for a full queue, is only reached
+by messages over GRPC_RECEIVE_LIMIT.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from server.frontend import Frontend, Unavailable, UnknownRequest
 from server.metrics import Metrics
 from server.pending_queue import QueueFull
 from server.proto_json import FINISH_REASONS, fields_from_proto
 from server.requests import Chunk, DuplicateRequestId, RequestError, RequestState
-from server.validation import InvalidRequest, validate
+from server.validation import InvalidRequest, check_request_id, validate_off_loop
 from shoal.v1 import inference_pb2 as pb
 from shoal.v1 import inference_pb2_grpc as pb_grpc
 from worker.channel.messages import Status
 from worker.channel.types import FinishReason
 
 log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 4 << 20  # a request message (gRPC's usual default), INVALID_ARGUMENT past it
+GRPC_RECEIVE_LIMIT = 64 << 20  # gRPC's own limit (RESOURCE_EXHAUSTED): far past ours
+SERVER_OPTIONS = (
+    ("grpc.max_receive_message_length", GRPC_RECEIVE_LIMIT),
+    # No SO_REUSEPORT: a second server on a taken port must fail, not share it silently.
+    ("grpc.so_reuseport", 0),
+)
 
 
 def chunk_to_proto(chunk: Chunk, completion_tokens: int | None = None) -> pb.GenerateChunk:
@@ -63,7 +82,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
         try:
             fields = fields_from_proto(request)
-            validated = validate(fields, self.frontend.limits(), self.frontend.prompts)
+            limits, prompts = self.frontend.limits(), self.frontend.prompts
+            validated = await validate_off_loop(fields, limits, prompts)
             return self.frontend.submit(validated)
         except (InvalidRequest, DuplicateRequestId) as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
@@ -97,7 +117,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def Stream(self, request, context):
         try:
+            check_request_id(request.request_id)
             state = self.frontend.get(request.request_id)
+        except InvalidRequest as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except UnknownRequest as err:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(err.args[0]))
         if request.from_index > len(state.token_ids) and state.finished:
@@ -111,7 +134,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def Cancel(self, request, context):
         try:
+            check_request_id(request.request_id)
             return pb.CancelResponse(cancelled=self.frontend.cancel(request.request_id))
+        except InvalidRequest as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except UnknownRequest as err:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(err.args[0]))
 
@@ -147,6 +173,88 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             device=model.device,
             max_new_tokens_limit=self.frontend.config.max_new_tokens_limit,
         )
+
+
+class MalformedRequest:
+    """What a request deserializer returns for bytes it cannot take (it must not raise:
+    gRPC would answer UNKNOWN and log a traceback); the RPC answers INVALID_ARGUMENT."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def request_deserializer(cls: type[Message]) -> Callable[[bytes], Any]:
+    """bytes -> a `cls` message, or a MalformedRequest naming the fault."""
+    name = cls.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes) -> Any:
+        if len(data) > MAX_REQUEST_BYTES:
+            return MalformedRequest(
+                f"the {name} message is {len(data)} bytes; at most {MAX_REQUEST_BYTES} "
+                f"({MAX_REQUEST_BYTES >> 20} MiB) are allowed"
+            )
+        try:
+            return cls.FromString(data)
+        except Exception as err:  # DecodeError; a string field's bad UTF-8 is one too
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            return MalformedRequest(
+                f"the request is not a valid {name} message (not protobuf, or a string "
+                f"field that is not UTF-8): {reason}"
+            )
+
+    return deserialize
+
+
+def add_inference_servicer(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """`add_InferenceServicer_to_server`, with deserializers that turn bad bytes into
+    INVALID_ARGUMENT (see the module docstring)."""
+    service = pb.DESCRIPTOR.services_by_name["Inference"]
+    handlers = {}
+    for method in service.methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        behaviour = getattr(servicer, method.name)
+        if method.server_streaming:
+            handler = grpc.unary_stream_rpc_method_handler(
+                _guard_stream(method.name, behaviour),
+                request_deserializer=request_deserializer(request_cls),
+                response_serializer=response_cls.SerializeToString,
+            )
+        else:
+            handler = grpc.unary_unary_rpc_method_handler(
+                _guard_unary(method.name, behaviour),
+                request_deserializer=request_deserializer(request_cls),
+                response_serializer=response_cls.SerializeToString,
+            )
+        handlers[method.name] = handler
+    generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
+    server.add_generic_rpc_handlers((generic,))
+    if hasattr(server, "add_registered_method_handlers"):  # grpcio >= 1.62, as generated code
+        server.add_registered_method_handlers(service.full_name, handlers)
+
+
+async def _refuse(rpc: str, request: MalformedRequest, context: grpc.aio.ServicerContext) -> None:
+    log.info("%s: malformed request refused: %s", rpc, request.message)
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+
+def _guard_unary(rpc: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    async def guarded(request, context):  # type: ignore[no-untyped-def]
+        if isinstance(request, MalformedRequest):
+            await _refuse(rpc, request, context)
+        return await behaviour(request, context)
+
+    return guarded
+
+
+def _guard_stream(rpc: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    async def guarded(request, context):  # type: ignore[no-untyped-def]
+        if isinstance(request, MalformedRequest):
+            await _refuse(rpc, request, context)
+        async for message in behaviour(request, context):
+            yield message
+
+    return guarded
 
 
 def _worker_row(index: int, alive: bool, status: Status | None) -> pb.WorkerStats:

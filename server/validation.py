@@ -6,13 +6,23 @@ or a JSONL line parsed as the proto JSON of GenerateRequest), server/openai_sche
 from an OpenAI body. `validate` then checks every field against the model's
 `Limits` and returns a `ValidatedRequest`; everything past it trusts its
 input. Every error names the field and the limit.
+
+No request may stall the event loop: text (a prompt, or all message contents
+together) is bounded by `Limits.max_prompt_bytes` (UTF-8 bytes, default 1 MiB),
+checked before tokenizing, and the edges call `validate_off_loop`, which
+tokenizes text over OFF_LOOP_BYTES in a worker thread (server/prompts.py's
+encoder releases the GIL while it runs).
 """
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import ctypes.util
 import math
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,6 +33,25 @@ from worker.channel.types import Priority, SamplingParams
 PRIORITY_NAMES = {"": Priority.NORMAL, "UNSPECIFIED": Priority.NORMAL, **Priority.__members__}
 PRIORITY_NUMBERS = (Priority.NORMAL, Priority.HIGH, Priority.NORMAL, Priority.LOW)
 UINT64 = 2**64
+MAX_PROMPT_BYTES = 1 << 20  # the default Limits.max_prompt_bytes
+MAX_REQUEST_ID_BYTES = 128  # the default Limits.max_request_id_bytes
+OFF_LOOP_BYTES = 16 << 10  # text prompts above this are tokenized in a worker thread
+# One thread: big prompts wait for each other (each takes at most ~2 s: max_prompt_bytes),
+# the event loop never does. Memory the tokenizer freed can stay in that thread's malloc
+# arena (RSS that never comes down) unless given back with malloc_trim after each one.
+_TOKENIZER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-tokenize")
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None)
+_MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)  # glibc only
+
+
+def _validate_and_trim(
+    request: RequestFields, limits: Limits, prompts: Prompts
+) -> ValidatedRequest:
+    try:
+        return validate(request, limits, prompts)
+    finally:
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
 
 
 class InvalidRequest(ValueError):
@@ -66,9 +95,13 @@ class Limits:
     max_new_tokens_limit: int
     max_stop_strings: int = 16
     max_stop_length: int = 256  # characters
-    max_request_id_bytes: int = 128
+    max_request_id_bytes: int = MAX_REQUEST_ID_BYTES
     max_stop_token_ids: int = 64
     max_messages: int = 1024
+    # UTF-8 bytes of a text prompt, or of all message contents together, checked before
+    # tokenizing (1 MiB: ~250k tokens of English, past any context shoal serves; tokenizing
+    # it takes ~1-2 s, off the event loop).
+    max_prompt_bytes: int = MAX_PROMPT_BYTES
 
 
 @dataclass(frozen=True)
@@ -78,6 +111,21 @@ class ValidatedRequest:
     params: SamplingParams
     priority: Priority
     stop: tuple[str, ...] = field(default=())
+
+
+async def validate_off_loop(
+    request: RequestFields, limits: Limits, prompts: Prompts
+) -> ValidatedRequest:
+    """`validate`, in a worker thread when the text to tokenize is big (see the module doc)."""
+    size = len(request.prompt or "") + sum(
+        len(m.get("content") or "") for m in request.messages if isinstance(m, Mapping)
+    )  # characters: cheap, and at most the UTF-8 size
+    if size > OFF_LOOP_BYTES:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            _TOKENIZER_THREAD, _validate_and_trim, request, limits, prompts
+        )
+    return validate(request, limits, prompts)
 
 
 def validate(request: RequestFields, limits: Limits, prompts: Prompts) -> ValidatedRequest:
@@ -140,12 +188,16 @@ def _priority(value: str | int) -> Priority:
 
 
 def _request_id(request_id: str, limits: Limits) -> str | None:
-    size = len(request_id.encode())
-    if size > limits.max_request_id_bytes:
-        raise InvalidRequest(
-            f"request_id is {size} bytes; at most {limits.max_request_id_bytes} are allowed"
-        )
+    check_request_id(request_id, limits.max_request_id_bytes)
     return request_id or None
+
+
+def check_request_id(request_id: str, limit: int = MAX_REQUEST_ID_BYTES) -> None:
+    """Also for the ids that name a request (Stream, Cancel): none longer was ever admitted,
+    and an error echoing a huge one would pass gRPC's metadata limit."""
+    size = len(request_id.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise InvalidRequest(f"request_id is {size} bytes; at most {limit} are allowed")
 
 
 def _stop_strings(stop: Sequence[str], limits: Limits) -> tuple[str, ...]:
@@ -194,6 +246,7 @@ def _prompt_ids(request: RequestFields, limits: Limits, prompts: Prompts) -> lis
     elif not request.prompt:
         raise InvalidRequest("prompt must be at least 1 character (got an empty string)")
     else:
+        _check_text_bytes("prompt", [request.prompt], limits)
         ids = prompts.encode_text(request.prompt)
     if not ids:
         raise InvalidRequest(f"{given[0]} must give at least 1 token (it tokenized to none)")
@@ -211,10 +264,24 @@ def _chat_ids(messages: Sequence[Mapping[str, Any]], limits: Limits, prompts: Pr
             raise InvalidRequest(f"messages[{i}].role must be a non-empty string (got {role!r})")
         if not isinstance(content, str):
             raise InvalidRequest(f"messages[{i}].content must be a string (got {content!r})")
+    _check_text_bytes("messages", [m["content"] for m in messages], limits)
     try:
         return prompts.encode_chat(messages)
     except ValueError as err:
         raise InvalidRequest(f"messages: {err}") from None
+
+
+def _check_text_bytes(name: str, texts: Sequence[str], limits: Limits) -> None:
+    """Before tokenizing: the UTF-8 size of `texts` against max_prompt_bytes."""
+    limit = limits.max_prompt_bytes
+    if sum(map(len, texts)) * 4 <= limit:  # 4 bytes per character at most: no encoding needed
+        return
+    size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+    if size > limit:
+        what = "prompt is" if name == "prompt" else "messages' contents are"
+        raise InvalidRequest(
+            f"{what} {size} bytes (UTF-8); at most {limit} are allowed (max_prompt_bytes)"
+        )
 
 
 def _check_vocab(name: str, ids: Sequence[int], vocab_size: int) -> None:

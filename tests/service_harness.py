@@ -99,13 +99,20 @@ class RunningServer:
     process: subprocess.Popen
     target: str
     log: Path
-    http: str = ""  # http://127.0.0.1:PORT when started with --http-port, else ""
+    http: str = ""  # http(s)://127.0.0.1:PORT when started with --http-port, else ""
+    # With --tls-cert: what channels to it need (grpc.ssl_channel_credentials(CA[, key, cert]))
+    credentials: grpc.ChannelCredentials | None = None
+
+    def channel(self) -> grpc.Channel:
+        if self.credentials is None:
+            return grpc.insecure_channel(self.target)
+        return grpc.secure_channel(self.target, self.credentials)
 
     def stub(self) -> pb_grpc.InferenceStub:
-        return pb_grpc.InferenceStub(grpc.insecure_channel(self.target))
+        return pb_grpc.InferenceStub(self.channel())
 
     def health(self) -> int:
-        with grpc.insecure_channel(self.target) as channel:
+        with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
 
@@ -123,9 +130,15 @@ class RunningServer:
 
 
 def start_server(
-    model: Path, log: Path, *flags: str, timeout: float = 90, http: bool = False
+    model: Path,
+    log: Path,
+    *flags: str,
+    timeout: float = 90,
+    http: bool = False,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> RunningServer:
-    """A server on free loopback ports; the HTTP API only with `http=True` (or a --http-port)."""
+    """A server on free loopback ports; the HTTP API only with `http=True` (or a --http-port).
+    With --tls-cert among the flags, `credentials` are those its health is checked with."""
     port = free_port()
     if "--http-port" not in flags:
         flags = (*flags, "--http-port", str(free_port()) if http else "0")
@@ -147,8 +160,9 @@ def start_server(
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with log.open("w") as out:
         process = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{http_port}" if http_port else ""
-    server = RunningServer(process, f"127.0.0.1:{port}", log, base)
+    scheme = "https" if "--tls-cert" in flags else "http"
+    base = f"{scheme}://127.0.0.1:{http_port}" if http_port else ""
+    server = RunningServer(process, f"127.0.0.1:{port}", log, base, credentials)
 
     def serving() -> bool:
         if process.poll() is not None:
@@ -176,9 +190,15 @@ class ServerGroup:
         self.started: list[RunningServer] = []
 
     def start(
-        self, *flags: str, log: str = "server.log", model: Path | None = None
+        self,
+        *flags: str,
+        log: str = "server.log",
+        model: Path | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> RunningServer:
-        server = start_server(model or self.model, self.directory / log, *flags)
+        server = start_server(
+            model or self.model, self.directory / log, *flags, credentials=credentials
+        )
         self.started.append(server)
         return server
 

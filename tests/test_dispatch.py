@@ -13,16 +13,15 @@ import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import pytest
 from tokenizers import Tokenizer
 
 from server.config import ServerConfig
 from server.frontend import Frontend
-from server.requests import RequestError, RequestState
+from server.requests import RequestState
 from server.validation import ValidatedRequest
 from worker.channel.client import EngineEvents
 from worker.channel.messages import Add, Cancel, Message, Ready, Status
-from worker.channel.types import FinishReason, Priority, SamplingParams
+from worker.channel.types import FinishReason, Priority, SamplingParams, TokenRecord
 
 HIGH, NORMAL, LOW = Priority.HIGH, Priority.NORMAL, Priority.LOW
 BLOCK = 16
@@ -246,7 +245,7 @@ def test_a_worker_without_the_kv_credit_is_passed_over(toy_tokenizer: Tokenizer)
 
 
 # -- failures and cancellation ---------------------------------------------------------------
-def test_a_dead_worker_fails_its_requests_and_the_queue_keeps_the_rest(
+def test_a_dead_workers_requests_go_back_first_and_resume_from_their_tokens(
     toy_tokenizer: Tokenizer,
 ) -> None:
     async def test(front: Frontend, engine: FakeEngine) -> None:
@@ -256,36 +255,33 @@ def test_a_dead_worker_fails_its_requests_and_the_queue_keeps_the_rest(
         await settle()
         on_0 = [s for s in states.values() if s.worker == 0]
         on_1 = [s for s in states.values() if s.worker == 1]
+        queued = [s for s in states.values() if s.worker is None]
         assert len(on_0) == len(on_1) == 2 and len(front.queue) == 2
+        assert engine.events is not None
+        for n, state in enumerate(on_0):  # 1 and 2 tokens so far
+            records = [TokenRecord(state.handle, 7 + i, i, FinishReason.NONE) for i in range(n + 1)]
+            engine.events.tokens(0, records)
 
         # Worker 0 reports room for two more, and dies before the dispatcher runs again.
         engine.status(0, running=2, max_batch_size=4, adds_received=2, add_tokens_received=20)
-        assert engine.events is not None
         engine.events.died(0, "worker 0 died (exit code -9)")
         await settle()
         assert len(engine.adds(0)) == 2  # nothing more went to it
-        for state in on_0:
-            assert state.finished and state.finish_reason == FinishReason.CANCELLED
-            assert isinstance(state.error, RequestError)
-            assert state.error.code == "UNAVAILABLE" and "worker 0 died" in str(state.error)
-            with pytest.raises(RequestError):  # what a listener sees
-                async for _ in state.follow():
-                    pass
-        assert not any(s.finished for s in on_1)
-        queued = [s for s in states.values() if s.worker is None]
-        assert len(queued) == 2 and len(front.queue) == 2 and not any(s.finished for s in queued)
-        assert front.serving  # worker 1 is still up
+        assert not any(s.finished for s in states.values()) and front.serving  # worker 1 is up
+        assert [s.resumptions for s in on_0] == [1, 1] and len(front.queue) == 4
+        assert [s.worker for s in on_0] == [None, None]
 
-        # Worker 1 finishes one: the head of the queue goes there.
+        # Worker 1 finishes one: the first resumed request goes there, with its tokens.
         engine.status(1, running=1, max_batch_size=2, adds_received=2, add_tokens_received=20)
         await settle()
-        assert [s.worker for s in queued] == [1, None]
-        assert len(engine.adds(0)) == 2  # still only the two sent before it died
-        # Its replacement comes up and takes the rest.
+        assert [s.worker for s in on_0] == [1, None] and len(engine.adds(1)) == 3
+        assert engine.adds(1)[-1].generated == [7] and engine.adds(1)[-1].num_tokens == 11
+        # Its replacement comes up and takes the next ones, resumed first, in arrival order.
         engine.ready(0)
         engine.status(0, max_batch_size=2)
         await settle()
-        assert [s.worker for s in queued] == [1, 0] and len(front.queue) == 0
+        assert [s.worker for s in on_0] == [1, 0] and [s.worker for s in queued] == [0, None]
+        assert engine.adds(0)[-2].generated == [7, 8] and engine.adds(0)[-1].generated == []
 
     run(toy_tokenizer, test, workers=2)
 

@@ -557,9 +557,10 @@ AUTH = (("authorization", f"Bearer {TOKEN}"),)
 
 @pytest.fixture(scope="module")
 def tight(module_servers: ServerGroup) -> RunningServer:
-    """Bearer auth, one slot, a pending queue of one."""
+    """Bearer auth, one slot, a pending queue of one; a worker's death fails its requests."""
     return module_servers.start(
         *("--workers", "1", "--max-batch-size", "1", "--max-queue-len", "1"),
+        *("--max-resumptions", "1"),
         *("--batch-timeout-ms", "0", "--auth-token", TOKEN, "--http-port", str(free_port())),
         log="tight.log",
     )

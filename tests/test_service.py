@@ -266,7 +266,8 @@ def test_queue_full_and_deadline_while_queued(servers: ServerGroup) -> None:
 
 
 def test_killed_worker_fails_its_requests_and_comes_back(servers: ServerGroup) -> None:
-    server = servers.start("--workers", "1", "--max-batch-size", "4")
+    # --max-resumptions 1: never resumed (tests/test_resume.py covers resumption).
+    server = servers.start("--workers", "1", "--max-batch-size", "4", "--max-resumptions", "1")
     stub = server.stub()
     stream = stub.Generate(
         pb.GenerateRequest(prompt="doomed", max_new_tokens=2000, ignore_eos=True), timeout=60

@@ -32,7 +32,7 @@ from server.config import ServerConfig
 from server.frontend import Frontend
 from server.proto_json import fields_from_proto, finish_reason_name, request_from_json
 from server.requests import RequestError, RequestState
-from server.validation import validate
+from server.validation import InvalidRequest, validate
 from worker.batch_processor import BatchProcessor
 from worker.channel.types import DEFAULT_KV_CACHE_MB
 from worker.engine_core import EngineCore
@@ -58,15 +58,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def read_lines(path: Path) -> list[tuple[int, str]]:
-    """(line number, text) of every non-blank line."""
-    lines = path.read_text().splitlines()
-    return [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+def read_lines(path: Path) -> list[tuple[int, str | None]]:
+    """(line number, text) of every non-blank line; text None for a line that is not UTF-8.
+
+    Lines end at "\n" only (JSONL): U+2028 and friends are valid inside a JSON string.
+    """
+    numbered = []
+    for n, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            text: str | None = raw.decode().rstrip("\r")
+        except UnicodeDecodeError:
+            text = None
+        if text is None or text.strip():
+            numbered.append((n, text))
+    return numbered
 
 
-def submit_line(front: Frontend, line_no: int, line: str) -> RequestState:
+def submit_line(front: Frontend, line_no: int, line: str | None) -> RequestState:
     """Parse, validate and queue one line; InvalidRequest / ValueError names the field."""
-    message = request_from_json(line)
+    if line is None:
+        raise InvalidRequest("the line is not valid UTF-8")
+    try:
+        message = request_from_json(line)
+    except RecursionError:
+        raise InvalidRequest("the line nests JSON too deeply") from None
     if not message.request_id:
         message.request_id = f"line-{line_no}"
     request = validate(fields_from_proto(message), front.limits(), front.prompts)
@@ -130,18 +145,28 @@ async def run(
 
     with args.output.open("w") as out:
         for record in records:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.write(_json_line(record))
     errors = sum("error" in r for r in records)
     elapsed = time.perf_counter() - started
     print(f"{len(records) - errors} requests in {elapsed:.1f} s, {errors} failed", file=sys.stderr)
     return 1 if errors else 0
 
 
-def _line_id(line: str, line_no: int) -> str:
+def _json_line(record: dict[str, Any]) -> str:
+    """One output line; text that cannot be UTF-8 (a lone surrogate) is written escaped."""
+    line = json.dumps(record, ensure_ascii=False) + "\n"
+    try:
+        line.encode()
+    except UnicodeEncodeError:
+        line = json.dumps(record) + "\n"
+    return line
+
+
+def _line_id(line: str | None, line_no: int) -> str:
     """The request_id a bad line asked for, if it can be read; else line-N."""
     try:
-        obj = json.loads(line)
-    except ValueError:
+        obj = json.loads(line) if line is not None else None
+    except (ValueError, RecursionError):
         obj = None
     asked = (obj.get("request_id") or obj.get("requestId")) if isinstance(obj, dict) else None
     return str(asked or f"line-{line_no}")

@@ -11,6 +11,21 @@ NumPy's counter-based Philox generator keyed by the request's seed with
 counter i. The token then follows by inverse-CDF over the filtered
 distribution, so it depends only on (seed, i, logits): never on the batch it
 ran in, nor on whether it was preempted or resumed with `generated` tokens.
+
+Numerical safety over the whole accepted range of every float parameter
+(validation accepts temperature >= 0 and finite, top_p and min_p in [0, 1]):
+
+- temperature below GREEDY_BELOW (1e-5) is greedy, exactly as temperature 0:
+  such a distribution is a point mass on the most likely token up to float
+  rounding, and dividing by a subnormal (1e-39) would overflow float32.
+  Above it, logits have their row maximum subtracted before the division, so
+  every scaled value is <= 0 and exp() never overflows; a temperature above
+  float32's range (from HTTP's float64) is clipped to MAX_TEMPERATURE.
+- top_p and min_p are used as float32; tiny values (1e-38, subnormals) keep only
+  the most likely token (and its exact ties), values just under 1 (1 - 1e-7)
+  keep (nearly) everything. Each filter keeps a prefix of the ranking by
+  construction, so rounding in a cumulative sum can never leave a hole, and
+  the pick is always a kept token. No parameter value can produce NaN.
 """
 
 from __future__ import annotations
@@ -23,6 +38,9 @@ import numpy as np
 from worker.channel.types import SamplingParams
 
 Array = Any
+
+GREEDY_BELOW = 1e-5  # temperatures in [0, GREEDY_BELOW) pick the most likely token
+MAX_TEMPERATURE = 1e30  # larger ones (float32 overflows at 3.4e38) are this: uniform
 
 
 def draw_uniform(seed: int, index: int) -> float:
@@ -45,7 +63,10 @@ def filtered_probs(
     probability of each, both (rows, vocab).
     """
     vocab = logits.shape[-1]
-    scaled = logits / temperature[:, None]  # (rows, vocab)
+    # Subtract the row maximum first: every scaled value is <= 0, so nothing overflows
+    # for any temperature >= GREEDY_BELOW (see the module docstring).
+    top = logits.max(axis=-1, keepdims=True)  # (rows, 1)
+    scaled = (logits - top) / temperature[:, None]  # (rows, vocab)
     order = xp.argsort(-scaled, axis=-1)  # (rows, vocab), most likely first
     ranked = xp.take_along_axis(scaled, order, axis=-1)
     probs = xp.exp(ranked - ranked[:, :1])  # (rows, vocab), un-normalised softmax, probs[:, 0] = 1
@@ -58,7 +79,9 @@ def filtered_probs(
     # Keep a token while the mass ranked strictly above it is still under top_p.
     mass_before = xp.cumsum(probs, axis=-1) - probs  # (rows, vocab)
     p = xp.where((top_p > 0) & (top_p < 1), top_p, np.float32(2))[:, None]  # 2 = off
-    probs = xp.where(mass_before < p, probs, np.float32(0))
+    # Float32 rounding can make mass_before dip; keep the prefix before the first cut.
+    cut = xp.cumsum(mass_before >= p, axis=-1) > 0
+    probs = xp.where(cut, np.float32(0), probs)
 
     # Min-p: relative to the most likely token (column 0, never filtered above).
     probs = xp.where(probs >= min_p[:, None] * probs[:, :1], probs, np.float32(0))
@@ -84,9 +107,10 @@ def sample(
 ) -> Array:
     """One token id per row (device array); row r uses params[r] and is token indices[r].
 
-    Rows with temperature 0 are greedy; the others' parameter arrays are built here.
+    Rows with temperature below GREEDY_BELOW (0 included) are greedy; the others'
+    parameter arrays are built here.
     """
-    stochastic = [r for r, p in enumerate(params) if not p.greedy]
+    stochastic = [r for r, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
     chosen = greedy(xp, logits)  # (rows,)
     if stochastic:
         rows = [params[r] for r in stochastic]
@@ -94,10 +118,11 @@ def sample(
         def column(name: str, dtype: type) -> Array:
             return xp.asarray(np.array([getattr(p, name) for p in rows], dtype=dtype))
 
+        temperature = [min(p.temperature, MAX_TEMPERATURE) for p in rows]
         order, probs = filtered_probs(
             xp,
             logits[xp.asarray(stochastic)],
-            column("temperature", np.float32),
+            xp.asarray(np.array(temperature, dtype=np.float32)),
             column("top_k", np.int64),
             column("top_p", np.float32),
             column("min_p", np.float32),

@@ -174,6 +174,15 @@ def _write(obj: Any, out: list[bytes]) -> None:
             raise TypeError(f"{type(obj).__name__}.{name}: no wire codec for {kind}")
 
 
+def _span(data: memoryview, offset: int, size: int, name: str) -> int:
+    """The end of `size` bytes at `offset`; ValueError if the frame is shorter (corrupt)."""
+    if offset + size > len(data):
+        raise ValueError(
+            f"{name}: {size} bytes at {offset} run past the end of a {len(data)}-byte frame"
+        )
+    return offset + size
+
+
 def _read(cls: type, data: memoryview, offset: int) -> tuple[Any, int]:
     values: dict[str, Any] = {}
     for name, kind in _layout(cls):
@@ -185,11 +194,13 @@ def _read(cls: type, data: memoryview, offset: int) -> tuple[Any, int]:
             offset += 1
         elif kind in ("str", "bytes"):
             (size,) = _COUNT.unpack_from(data, offset)
+            _span(data, offset + 4, size, name)
             raw = bytes(data[offset + 4 : offset + 4 + size])
             values[name] = raw.decode() if kind == "str" else raw
             offset += 4 + size
         elif kind in _ID_LISTS:
             (count,) = _COUNT.unpack_from(data, offset)
+            _span(data, offset + 4, 4 * count, name)
             ids_array = array("I")  # native order: little-endian on the platforms we run on
             ids_array.frombytes(data[offset + 4 : offset + 4 + 4 * count])
             ids = ids_array.tolist()
@@ -197,7 +208,7 @@ def _read(cls: type, data: memoryview, offset: int) -> tuple[Any, int]:
             offset += 4 + 4 * count
         elif kind == "list[TokenRecord]":
             (count,) = _COUNT.unpack_from(data, offset)
-            end = offset + 4 + _RECORD.size * count
+            end = _span(data, offset + 4, _RECORD.size * count, name)
             values[name] = [
                 TokenRecord(h, t, i, FinishReason(f))
                 for h, t, i, f in _RECORD.iter_unpack(data[offset + 4 : end])

@@ -1,11 +1,11 @@
-"""Proto JSON of shoal.v1 messages with readable errors, on the client side.
+"""Proto JSON of shoal.v1 messages with readable errors: one rule for every JSONL reader.
 
-`python -m client batch` reads its JSONL lines with `parse_message(obj, pb.GenerateRequest)`:
-protobuf's own `json_format` (snake_case or lowerCamelCase names, full enum names or numbers,
-64-bit integers as strings or numbers), plus the short priority names ("HIGH", "low") as an
-extension, and every error names the field. The same rules as `python -m worker.batch`:
-server/proto_json.py holds the same functions (client/ may not import server/), and
-tests/test_proto_json.py checks that the two copies are the same code and agree line for line.
+`parse_message(obj, pb.GenerateRequest)` reads a JSON object with protobuf's own
+`json_format` (snake_case or lowerCamelCase names, full enum names or numbers, 64-bit
+integers as strings or numbers), plus the short priority names ("HIGH", "low") as an
+extension; every error names the field. It lives beside the generated stubs because both
+`python -m worker.batch` (through server/proto_json.py) and `python -m client batch` use
+it, and client/ may not import server/.
 """
 
 from __future__ import annotations
