@@ -35,6 +35,7 @@ from worker.channel.types import FinishReason, Priority, SamplingParams, TokenRe
 
 DECODE_ERRORS = (ValueError, struct.error, IndexError)
 SETTINGS = settings(
+    derandomize=True,  # the suite replays fixed examples (CI never flakes); scripts explore
     max_examples=3000,
     deadline=None,
     database=None,

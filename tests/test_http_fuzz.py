@@ -31,6 +31,7 @@ pytestmark = pytest.mark.timeout(300)
 
 # 2 x 1000 bodies, ~20 s on 2 cores.
 SETTINGS = settings(
+    derandomize=True,  # the suite replays fixed examples (CI never flakes); scripts explore
     max_examples=1000,
     deadline=None,
     database=None,  # no .hypothesis/ folder in the work tree
