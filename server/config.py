@@ -37,6 +37,17 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "kv_cache_mb": ("KV_CACHE_MB", "KV cache budget per worker, MiB"),
     "metrics_port": ("METRICS_PORT", "Prometheus metrics port (0 = off)"),
     "prefill_token_budget": ("PREFILL_TOKEN_BUDGET", "prompt tokens per engine step"),
+    "num_speculative_tokens": (
+        "NUM_SPECULATIVE_TOKENS",
+        "speculative decoding: draft tokens verified per sequence per step (0 = off)",
+    ),
+    "speculative_method": (
+        "SPECULATIVE_METHOD",
+        "ngram (prompt lookup) or draft (--draft-model); default: draft if --draft-model is set",
+    ),
+    "draft_model": ("DRAFT_MODEL", "draft model for speculative decoding (same tokenizer)"),
+    "prompt_lookup_max": ("PROMPT_LOOKUP_MAX", "prompt lookup: longest n-gram matched"),
+    "prompt_lookup_min": ("PROMPT_LOOKUP_MIN", "prompt lookup: shortest n-gram matched"),
     "max_new_tokens_limit": ("MAX_NEW_TOKENS_LIMIT", "largest max_new_tokens accepted"),
     "batch_timeout_ms": ("BATCH_TIMEOUT_MS", "batching window while a worker is idle, ms"),
     "aging_s": ("AGING_S", "a queued request moves up one priority class per this many s"),
@@ -72,6 +83,11 @@ class ServerConfig:
     kv_cache_mb: float = DEFAULT_KV_CACHE_MB
     metrics_port: int = 0  # 0 = no metrics endpoint
     prefill_token_budget: int = 512
+    num_speculative_tokens: int = 0
+    speculative_method: str = ""
+    draft_model: str = ""
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
     max_new_tokens_limit: int = 4096
     batch_timeout_ms: float = 5.0
     aging_s: float = 10.0
@@ -107,6 +123,12 @@ class ServerConfig:
         except ValueError as err:
             name, _, rule = str(err).partition(" ")
             raise ValueError(_named(name, rule)) from None
+        if self.draft_model and not os.path.exists(self.draft_model):
+            raise ValueError(
+                _named(
+                    "draft_model", f"must name an existing checkpoint (got {self.draft_model!r})"
+                )
+            )
         if self.log_level not in LOG_LEVELS:
             raise ValueError(_named("log_level", f"must be one of {', '.join(LOG_LEVELS)}"))
         if self.log_format not in LOG_FORMATS:
@@ -145,6 +167,11 @@ class ServerConfig:
             kv_cache_mb=self.kv_cache_mb,
             prefill_token_budget=self.prefill_token_budget,
             device=self.device,
+            num_speculative_tokens=self.num_speculative_tokens,
+            speculative_method=self.speculative_method,
+            draft_model=self.draft_model,
+            prompt_lookup_max=self.prompt_lookup_max,
+            prompt_lookup_min=self.prompt_lookup_min,
         )
 
     @property

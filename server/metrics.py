@@ -49,9 +49,13 @@ class _WorkerSeries:
     kv_total: Gauge
     tokens: Counter
     preemptions: Counter
+    draft_tokens: Counter
+    accepted_draft_tokens: Counter
     # The worker's own counters restart from 0 with a new process: only deltas are added.
     last_tokens: int = 0
     last_preemptions: int = 0
+    last_draft_tokens: int = 0
+    last_accepted_draft_tokens: int = 0
 
 
 class Metrics:
@@ -133,6 +137,19 @@ class Metrics:
             "preemptions": Counter(
                 "shoal_preemptions", "Sequences preempted for KV space", WORKER_LABEL, registry=r
             ),
+            # Acceptance rate: rate(accepted) / rate(draft tokens).
+            "draft_tokens": Counter(
+                "shoal_speculative_draft_tokens",
+                "Speculative decoding: draft tokens verified by the model",
+                WORKER_LABEL,
+                registry=r,
+            ),
+            "accepted_draft_tokens": Counter(
+                "shoal_speculative_accepted_tokens",
+                "Speculative decoding: draft tokens accepted",
+                WORKER_LABEL,
+                registry=r,
+            ),
         }
         self._workers: dict[int, _WorkerSeries] = {}
         self._http: WSGIServer | None = None
@@ -194,12 +211,19 @@ class Metrics:
         s.tokens.inc(_delta(status.total_tokens, s.last_tokens))
         s.preemptions.inc(_delta(status.preemptions, s.last_preemptions))
         s.last_tokens, s.last_preemptions = status.total_tokens, status.preemptions
+        s.draft_tokens.inc(_delta(status.draft_tokens, s.last_draft_tokens))
+        s.accepted_draft_tokens.inc(
+            _delta(status.accepted_draft_tokens, s.last_accepted_draft_tokens)
+        )
+        s.last_draft_tokens = status.draft_tokens
+        s.last_accepted_draft_tokens = status.accepted_draft_tokens
 
     def worker_gone(self, index: int) -> None:
         s = self._series(index)
         for gauge in (s.up, s.active, s.utilization, s.waiting, s.kv_used):
             gauge.set(0)
         s.last_tokens = s.last_preemptions = 0  # its replacement counts from 0
+        s.last_draft_tokens = s.last_accepted_draft_tokens = 0
 
     # -- endpoint ----------------------------------------------------------------------
     def serve(self, host: str, port: int) -> None:

@@ -155,7 +155,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             queue_length=sum(r.queue_length for r in rows),
             kv_blocks_used=sum(r.kv_blocks_used for r in rows),
             kv_blocks_total=sum(r.kv_blocks_total for r in rows),
+            draft_tokens=sum(r.draft_tokens for r in rows),
+            accepted_draft_tokens=sum(r.accepted_draft_tokens for r in rows),
         )
+        total.draft_acceptance_rate = _acceptance_rate(total)
         return pb.Stats(workers=rows, total=total, pending_queue_length=len(self.frontend.queue))
 
     async def GetModelInfo(self, request, context):
@@ -266,7 +269,14 @@ def _worker_row(index: int, alive: bool, status: Status | None) -> pb.WorkerStat
         row.queue_length = status.waiting
         row.kv_blocks_used = status.kv_blocks_used
         row.kv_blocks_total = status.kv_blocks_total
+        row.draft_tokens = status.draft_tokens
+        row.accepted_draft_tokens = status.accepted_draft_tokens
+        row.draft_acceptance_rate = _acceptance_rate(row)
     return row
+
+
+def _acceptance_rate(row: pb.WorkerStats) -> float:
+    return row.accepted_draft_tokens / row.draft_tokens if row.draft_tokens else 0.0
 
 
 SERVICE_PREFIX = f"/{pb.DESCRIPTOR.services_by_name['Inference'].full_name}/"

@@ -55,6 +55,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=float(os.environ.get("KV_CACHE_MB", DEFAULT_KV_CACHE_MB)),
     )
     parser.add_argument("--prefill-token-budget", type=int, default=512)
+    speculation = parser.add_argument_group("speculative decoding (flags as in python -m server)")
+    speculation.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=int(os.environ.get("NUM_SPECULATIVE_TOKENS", 0)),
+        help="draft tokens verified per sequence per step (0 = off)",
+    )
+    speculation.add_argument(
+        "--speculative-method",
+        default=os.environ.get("SPECULATIVE_METHOD", ""),
+        help="ngram (prompt lookup) or draft (--draft-model)",
+    )
+    speculation.add_argument("--draft-model", default=os.environ.get("DRAFT_MODEL", ""))
+    speculation.add_argument(
+        "--prompt-lookup-max", type=int, default=int(os.environ.get("PROMPT_LOOKUP_MAX", 4))
+    )
+    speculation.add_argument(
+        "--prompt-lookup-min", type=int, default=int(os.environ.get("PROMPT_LOOKUP_MIN", 2))
+    )
     return parser.parse_args(argv)
 
 
@@ -185,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_size=args.max_batch_size,
             kv_cache_mb=args.kv_cache_mb,
             prefill_token_budget=args.prefill_token_budget,
+            num_speculative_tokens=args.num_speculative_tokens,
+            speculative_method=args.speculative_method,
+            draft_model=args.draft_model,
+            prompt_lookup_max=args.prompt_lookup_max,
+            prompt_lookup_min=args.prompt_lookup_min,
             max_queue_len=max(1, len(lines)),
             retention_count=max(1, len(lines)),
             batch_timeout_ms=0,

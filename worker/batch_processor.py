@@ -21,6 +21,7 @@ from worker.kv_cache import blocks_for, plan_kv_cache
 from worker.model_runner import ModelRunner
 from worker.scheduler import ScheduledBatch, Scheduler
 from worker.sequence import Sequence
+from worker.speculator import Speculator
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,11 @@ class BatchProcessor:
         )
         self.total_tokens = 0
         self._by_handle: dict[int, Sequence] = {}
+        self.speculator: Speculator | None = None
+        if config.speculation:
+            self.speculator = Speculator.from_config(
+                config, checkpoint.config, self.layout, self.max_seq_len, backend
+            )
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig) -> BatchProcessor:
@@ -107,6 +113,8 @@ class BatchProcessor:
             return None
         seq.finish_reason = FinishReason.CANCELLED
         self.scheduler.remove(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq)
         return TokenRecord(handle, -1, seq.tokens_generated, FinishReason.CANCELLED)
 
     def has_work(self) -> bool:
@@ -117,8 +125,12 @@ class BatchProcessor:
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
-        sampled, next_tokens = self.runner.run(batch)
+        if self.speculator is not None:
+            self.speculator.propose(batch, self.scheduler)
+        sampled, next_tokens, verified = self.runner.run(batch, self.speculator)
         records = self.update_states(batch, sampled, next_tokens.tolist())
+        for seq, tokens in verified.items():
+            records += self.emit_verified(seq, len(batch.drafts[seq].tokens), tokens)
         self.compact()
         return records
 
@@ -139,6 +151,26 @@ class BatchProcessor:
         self.total_tokens += len(sampled)
         return records
 
+    def emit_verified(self, seq: Sequence, drafted: int, tokens: list[int]) -> list[TokenRecord]:
+        """A verified decode's tokens (accepted drafts, then one more), one by one: each is
+        checked for a stop id, EOS and the length limits, and nothing after the first
+        finishing token is emitted. The K/V of rejected drafts is rolled back."""
+        records = []
+        for token in tokens:
+            seq.generated.append(token)
+            seq.finish_reason = self.finish_reason(seq, token)
+            records.append(
+                TokenRecord(seq.handle, token, seq.tokens_generated - 1, seq.finish_reason)
+            )
+            if not seq.active:
+                break
+        seq.num_computed = seq.current_length - 1  # the last token's K/V comes next step
+        self.scheduler.release_lookahead(seq)
+        assert self.speculator is not None
+        self.speculator.record(seq, drafted, accepted=len(tokens) - 1)
+        self.total_tokens += len(records)
+        return records
+
     def finish_reason(self, seq: Sequence, token: int) -> FinishReason:
         params = seq.params
         if token in params.stop_token_ids:
@@ -154,6 +186,8 @@ class BatchProcessor:
         for seq in [s for s in self.scheduler.running if not s.active]:
             self.scheduler.remove(seq)
             del self._by_handle[seq.handle]
+            if self.speculator is not None:
+                self.speculator.release(seq)
 
     # -- introspection --------------------------------------------------------------
     def get_stats(self, adds_received: int = 0, add_tokens_received: int = 0) -> Status:
@@ -170,6 +204,8 @@ class BatchProcessor:
             preemptions=scheduler.num_preemptions,
             adds_received=adds_received,
             add_tokens_received=add_tokens_received,
+            draft_tokens=self.speculator.draft_tokens if self.speculator else 0,
+            accepted_draft_tokens=self.speculator.accepted_tokens if self.speculator else 0,
         )
 
 

@@ -6,7 +6,7 @@ with NumPy and shipped to the device once per step.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -17,6 +17,9 @@ from worker.model import LlamaModel, PrefillSegment, StepInputs
 from worker.sampling import sample
 from worker.scheduler import ScheduledBatch
 from worker.sequence import Sequence
+
+if TYPE_CHECKING:
+    from worker.speculator import Speculator
 
 Array = Any
 
@@ -39,15 +42,18 @@ class ModelRunner:
         sampled: list[Sequence] = []
 
         for seq in batch.decodes:
+            if seq in batch.drafts:
+                continue  # verified below, as a chunk of 1 + k queries
             ids.append(seq.generated[-1] if seq.generated else seq.prompt_ids[-1])
             positions.append(np.array([seq.num_computed]))
             tables.append(np.asarray(seq.block_table, dtype=np.int64))
             logits_rows.append(len(ids) - 1)
             sampled.append(seq)
 
+        num_decode = len(ids)
         decode_tables = None
         decode_kv_blocks = 0
-        if batch.decodes:
+        if num_decode:
             decode_kv_blocks = max(len(t) for t in tables)
             padded = np.zeros((len(tables), decode_kv_blocks), dtype=np.int64)
             for row, table in enumerate(tables):
@@ -68,6 +74,20 @@ class ModelRunner:
                 logits_rows.append(row + chunk - 1)
                 sampled.append(seq)
 
+        # Speculative decoding: a decode with k draft tokens is a chunk of 1 + k queries at
+        # the end of its cached prefix, every row's logits wanted (after the sampled rows).
+        for seq, draft in batch.drafts.items():
+            start, row = seq.num_computed, len(ids)
+            ids.append(seq.generated[-1] if seq.generated else seq.prompt_ids[-1])
+            ids.extend(draft.tokens)
+            end = start + len(ids) - row
+            positions.append(np.arange(start, end))
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            tables.append(table)
+            used = blocks_for(end, bs)
+            segments.append(PrefillSegment(row, len(ids), to_dev(table[None, :used]), used))
+            logits_rows.extend(range(row, len(ids)))
+
         pos = np.concatenate(positions)  # (T,)
         blocks = np.concatenate(
             [t[p // bs] for t, p in zip(tables, positions, strict=True)]
@@ -77,7 +97,7 @@ class ModelRunner:
             positions=to_dev(pos),
             slot_blocks=to_dev(blocks),
             slot_offsets=to_dev(pos % bs),
-            num_decode=len(batch.decodes),
+            num_decode=num_decode,
             decode_tables=decode_tables,
             decode_kv_blocks=decode_kv_blocks,
             prefills=segments,
@@ -85,16 +105,23 @@ class ModelRunner:
         )
         return step, sampled
 
-    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], np.ndarray]:
-        """One forward pass and sampling; returns the sampled sequences and their tokens."""
+    def run(
+        self, batch: ScheduledBatch, speculator: Speculator | None = None
+    ) -> tuple[list[Sequence], np.ndarray, dict[Sequence, list[int]]]:
+        """One forward pass and sampling: the sampled sequences and their tokens, and for
+        each decode with drafts (batch.drafts) the tokens its verification emits."""
         step, sampled = self.prepare(batch)
-        logits = self.model.forward(step, self.cache)  # (S, vocab)
+        logits = self.model.forward(step, self.cache)  # (S + verify rows, vocab)
+        verified = {}
+        if batch.drafts:
+            assert speculator is not None, "drafts need the speculator that verifies them"
+            verified = speculator.verify(logits[len(sampled) :], batch.drafts)
         if not sampled:
-            return sampled, np.empty(0, dtype=np.int64)
+            return sampled, np.empty(0, dtype=np.int64), verified
         tokens = sample(
             self.backend.xp,
-            logits,
+            logits[: len(sampled)],
             params=[s.params for s in sampled],
             indices=[s.tokens_generated for s in sampled],
         )
-        return sampled, self.backend.to_host(tokens).astype(np.int64)
+        return sampled, self.backend.to_host(tokens).astype(np.int64), verified

@@ -22,12 +22,15 @@ from dataclasses import dataclass, field
 
 from worker.kv_cache import BlockAllocator, blocks_for
 from worker.sequence import Sequence
+from worker.speculative import Draft
 
 
 @dataclass
 class ScheduledBatch:
     decodes: list[Sequence] = field(default_factory=list)
     prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, chunk length)
+    # Speculative decoding: draft tokens of some decodes, verified in this step's forward.
+    drafts: dict[Sequence, Draft] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -35,7 +38,8 @@ class ScheduledBatch:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.decodes) + sum(n for _, n in self.prefills)
+        drafted = sum(len(d.tokens) for d in self.drafts.values())
+        return len(self.decodes) + drafted + sum(n for _, n in self.prefills)
 
 
 class Scheduler:
@@ -113,6 +117,26 @@ class Scheduler:
                 continue
             seq.block_table.extend(self.allocator.allocate(1))
         return True
+
+    # -- speculative decoding: KV slots for draft tokens -------------------------------
+    def reserve_lookahead(self, seq: Sequence, num_tokens: int) -> int:
+        """KV slots for up to num_tokens draft tokens after seq's pending one; how many fit.
+
+        Only free blocks are taken: drafts never preempt anyone, they shrink instead.
+        """
+        have = len(seq.block_table)
+        need = blocks_for(seq.num_computed + 1 + num_tokens, self.block_size) - have
+        take = min(max(need, 0), self.allocator.num_free)
+        if take:
+            seq.block_table.extend(self.allocator.allocate(take))
+        return min(num_tokens, (have + take) * self.block_size - seq.num_computed - 1)
+
+    def release_lookahead(self, seq: Sequence) -> None:
+        """After a verify: give back the blocks that held only rejected drafts' K/V."""
+        keep = blocks_for(seq.num_computed, self.block_size)
+        if len(seq.block_table) > keep:
+            self.allocator.free(seq.block_table[keep:])
+            del seq.block_table[keep:]
 
     def _preempt(self, victim: Sequence) -> None:
         self.remove(victim)

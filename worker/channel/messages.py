@@ -101,6 +101,9 @@ class Status:
     preemptions: int
     adds_received: int
     add_tokens_received: int
+    # Speculative decoding, since the worker started: draft tokens verified, and accepted.
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
     @property
     def utilization(self) -> float:

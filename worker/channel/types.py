@@ -14,6 +14,8 @@ DEVICES = ("auto", "cpu", "cuda")
 # MiB of KV pool per worker: holds an 8k-token context of a 135M model (46 KB/token) and
 # ~16k tokens of a 1B one (32 KB/token); a 3-7B model wants several GiB (--kv-cache-mb).
 DEFAULT_KV_CACHE_MB = 512.0
+SPECULATIVE_METHODS = ("ngram", "draft")
+MAX_SPECULATIVE_TOKENS = 16  # draft tokens per sequence per step: 17 verify rows at most
 
 
 class Priority(enum.IntEnum):
@@ -64,6 +66,14 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     prefill_token_budget: int = 512  # prompt tokens per step, besides the decodes
     device: str = "auto"  # auto | cpu | cuda
+    # Speculative decoding (worker/speculator.py): draft tokens verified per sequence per
+    # step, 0 = off; drafted by prompt lookup ("ngram") or a draft model ("draft");
+    # "" = "draft" when draft_model is set, else "ngram".
+    num_speculative_tokens: int = 0
+    speculative_method: str = ""
+    draft_model: str = ""  # checkpoint sharing the model's tokenizer
+    prompt_lookup_max: int = 4  # longest / shortest n-gram prompt lookup matches
+    prompt_lookup_min: int = 2
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "kv_cache_mb", "block_size", "prefill_token_budget"):
@@ -74,6 +84,39 @@ class EngineConfig:
             raise ValueError(f"max_seq_len must be >= 2 or 0 (got {self.max_seq_len})")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)} (got {self.device!r})")
+        self._check_speculation()
+
+    def _check_speculation(self) -> None:
+        k = self.num_speculative_tokens
+        if not 0 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(
+                f"num_speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}] (got {k})"
+            )
+        if self.speculative_method not in ("", *SPECULATIVE_METHODS):
+            raise ValueError(
+                f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)} "
+                f"(got {self.speculative_method!r})"
+            )
+        if self.speculative_method == "draft" and not self.draft_model:
+            raise ValueError("draft_model must be set with speculative_method draft")
+        if self.speculative_method == "ngram" and self.draft_model:
+            raise ValueError("draft_model must be empty with speculative_method ngram")
+        if self.draft_model and k == 0:
+            raise ValueError("draft_model needs num_speculative_tokens > 0")
+        if self.prompt_lookup_min < 1:
+            raise ValueError(f"prompt_lookup_min must be >= 1 (got {self.prompt_lookup_min})")
+        if self.prompt_lookup_max < self.prompt_lookup_min:
+            raise ValueError(
+                f"prompt_lookup_max must be >= prompt_lookup_min ({self.prompt_lookup_min}) "
+                f"(got {self.prompt_lookup_max})"
+            )
+
+    @property
+    def speculation(self) -> str:
+        """The speculation in use: "ngram", "draft", or "" when off."""
+        if self.num_speculative_tokens == 0:
+            return ""
+        return self.speculative_method or ("draft" if self.draft_model else "ngram")
 
 
 @dataclass(frozen=True)
