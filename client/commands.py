@@ -110,13 +110,15 @@ def cmd_cancel(client: ShoalClient, args: argparse.Namespace) -> int:
 
 def stats_table(stats: Stats) -> str:
     header = f"{'worker':>6} {'alive':>5} {'active':>6} {'queue':>5} {'util':>6} "
-    header += f"{'tokens':>12} {'kv blocks':>13}"
+    header += f"{'tokens':>12} {'kv blocks':>13} {'drafts accepted':>15}"
 
     def row(name: str, w: WorkerStats) -> str:
         kv = f"{w.kv_blocks_used}/{w.kv_blocks_total}"
+        drafts = f"{w.draft_acceptance_rate:.1%}" if w.draft_tokens else "-"
         return (
             f"{name:>6} {'yes' if w.alive else 'no':>5} {w.active_sequences:>6} "
-            f"{w.queue_length:>5} {w.utilization:>6.1%} {w.total_tokens:>12,} {kv:>13}"
+            f"{w.queue_length:>5} {w.utilization:>6.1%} {w.total_tokens:>12,} {kv:>13} "
+            f"{drafts:>15}"
         )
 
     rows = [row(str(w.worker), w) for w in stats.workers]

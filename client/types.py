@@ -64,6 +64,9 @@ class WorkerStats:
     kv_blocks_used: int
     kv_blocks_total: int
     alive: bool
+    draft_tokens: int = 0  # speculative decoding: draft tokens verified, accepted, their ratio
+    accepted_draft_tokens: int = 0
+    draft_acceptance_rate: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +136,9 @@ def worker_stats_from_pb(msg: pb.WorkerStats) -> WorkerStats:
         kv_blocks_used=msg.kv_blocks_used,
         kv_blocks_total=msg.kv_blocks_total,
         alive=msg.alive,
+        draft_tokens=msg.draft_tokens,
+        accepted_draft_tokens=msg.accepted_draft_tokens,
+        draft_acceptance_rate=msg.draft_acceptance_rate,
     )
 
 
