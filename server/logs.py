@@ -81,6 +81,7 @@ def request_fields(state: RequestState) -> dict[str, Any]:
         "finish_reason": state.finish_reason.name.lower(),
         "error": state.error.code if state.error is not None else None,
         "worker": state.worker,  # null: never dispatched
+        "handle": state.handle,  # the request's name in worker log lines
         "resumptions": state.resumptions,  # resumed after a worker died, this many times
     }
 

@@ -80,6 +80,7 @@ def test_request_fields_summarise_a_finished_request() -> None:
         "finish_reason": "length",
         "error": None,
         "worker": 1,
+        "handle": 1,
         "resumptions": 0,
     }
     queued = RequestState("r2", 2, request, _Text(), arrival=100.0)  # type: ignore[arg-type]

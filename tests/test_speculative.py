@@ -16,6 +16,7 @@ import pytest
 import worker.speculative as speculative
 from worker.channel.types import SamplingParams
 from worker.sampling import draw_uniform, sample
+from worker.spec_policy import AcceptancePolicy, StepCosts, choose_draft_lengths
 from worker.speculative import (
     distributions,
     prompt_lookup,
@@ -23,7 +24,6 @@ from worker.speculative import (
     speculative_verify,
     verify_match,
 )
-from worker.speculator import AcceptancePolicy
 
 # Pearson chi-square, 5 degrees of freedom (six tokens): P(X > 25.74) = 1e-4. The seeds
 # are fixed, so the test is deterministic; a correct sampler passes with a wide margin.
@@ -186,3 +186,48 @@ def test_policy_backs_off_while_drafts_fail_and_recovers() -> None:
     assert policy.cooldown <= AcceptancePolicy.MAX_COOLDOWN
     lengths = run_policy(policy, lambda k: k, 200)  # the text turns repetitive
     assert lengths[-1] == 8
+
+
+def test_step_costs_interpolate_and_stay_optimistic_past_what_was_measured() -> None:
+    costs = StepCosts()
+    assert costs.estimate(2, 2) is None  # nothing at 2 decodes yet
+    costs.observe(2, 2, 0.030)
+    costs.observe(2, 10, 0.070)
+    assert costs.estimate(2, 2) == 0.030 and costs.estimate(2, 6) == pytest.approx(0.050)
+    assert costs.estimate(2, 40) == 0.070  # larger steps: assumed no dearer until measured
+    costs.observe(2, 10, 0.110)  # a running average
+    assert costs.estimate(2, 10) == pytest.approx(0.080)
+    assert costs.estimate(3, 3) is None
+
+
+def cost_table(table: dict[int, float]) -> Callable[[int], float | None]:
+    costs = StepCosts()
+    for rows, seconds in table.items():
+        costs.observe(1, rows, seconds)
+    return lambda rows: costs.estimate(1, rows)
+
+
+def test_choice_drafts_when_rows_are_nearly_free() -> None:
+    gpu_like = cost_table({1: 0.010, 5: 0.0105})  # a few more rows: the same weight reads
+    # Even a 30 % chance pays for a row; the fourth token's 0.8 % does not.
+    assert choose_draft_lengths({"a": [0.3, 0.09, 0.027, 0.008]}, 1, gpu_like) == {"a": 3}
+
+
+def test_choice_weighs_chances_against_what_extra_rows_cost() -> None:
+    # A CPU's BLAS: two rows cost 2.4 x one (matrix-vector -> matrix product), then little more.
+    cpu_like = cost_table({1: 0.0277, 2: 0.0675, 5: 0.070})
+    assert choose_draft_lengths({"a": [0.5, 0.25, 0.125, 0.06]}, 1, cpu_like) == {}
+    sure = [0.95, 0.9, 0.86, 0.81]
+    assert choose_draft_lengths({"a": sure}, 1, cpu_like) == {"a": 4}
+    # At batch 2 the best chances go first, across sequences.
+    costs = StepCosts()
+    for rows, seconds in {2: 0.05, 4: 0.05, 6: 0.09}.items():
+        costs.observe(2, rows, seconds)
+    offers = {"a": [0.9, 0.81, 0.73], "b": [0.2, 0.04]}
+    assert choose_draft_lengths(offers, 2, lambda r: costs.estimate(2, r)) == {"a": 2}
+
+
+def test_choice_measures_the_plain_step_first_then_tries_larger_ones() -> None:
+    assert choose_draft_lengths({"a": [0.9]}, 1, lambda rows: None) == {}
+    only_plain = cost_table({1: 0.03})
+    assert choose_draft_lengths({"a": [0.2, 0.04], "b": [0.1]}, 1, only_plain) == {"a": 2, "b": 1}

@@ -11,10 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from worker.backend import select_backend
 from worker.batch_processor import BatchProcessor, Request, run_to_completion
 from worker.channel.types import EngineConfig, FinishReason, SamplingParams, TokenRecord
 from worker.kv_cache import blocks_for
 from worker.random_checkpoint import write_checkpoint
+from worker.sequence import Sequence
+from worker.spec_policy import StepCosts
+from worker.speculator import Speculator
 
 Make = Callable[..., BatchProcessor]
 
@@ -65,10 +69,31 @@ def run_checked(processor: BatchProcessor, requests: list[Request]) -> dict[str,
     }
 
 
+class FlatCosts(StepCosts):
+    """Every step costs the same whatever its rows: a device where drafting is free."""
+
+    def estimate(self, decodes: int, rows: int) -> float:
+        return 1.0
+
+
+class DearRows(StepCosts):
+    """Each row costs as much as a whole step: drafting never pays."""
+
+    def estimate(self, decodes: int, rows: int) -> float:
+        return float(rows)
+
+
+def lookup_processor(make_processor: Make, costs: StepCosts, **overrides: object) -> BatchProcessor:
+    """Prompt lookup with a fixed cost model, so what gets drafted does not hang on timing."""
+    processor = make_processor(num_speculative_tokens=4, **overrides)
+    processor.speculator.costs = costs
+    return processor
+
+
 def test_ngram_speculation_emits_exactly_plain_decodings_tokens(make_processor: Make) -> None:
     requests = mixed_requests()
     plain = tokens_of(make_processor(), requests)
-    processor = make_processor(num_speculative_tokens=4)
+    processor = lookup_processor(make_processor, FlatCosts())
     mixed_steps = []
     propose = processor.speculator.propose
 
@@ -109,15 +134,22 @@ def test_seeded_sampling_with_a_draft_model_is_reproducible(
     make_processor: Make, other_model: Path, default_model: Path
 ) -> None:
     requests = [r for r in mixed_requests() if not r.params.greedy]
-    for draft in (other_model, default_model):
-        runs = [
-            tokens_of(make_processor(num_speculative_tokens=3, draft_model=str(draft)), requests)
-            for _ in range(2)
-        ]
-        assert runs[0] == runs[1]
+
+    def speculating(draft: Path, batch: int = 8) -> BatchProcessor:
+        return make_processor(
+            num_speculative_tokens=3, draft_model=str(draft), max_batch_size=batch
+        )
+
+    # A request's drafts depend on its own history only, so its tokens do not change
+    # with the batch it runs in.
+    together = tokens_of(speculating(other_model), requests)
+    for r in requests:
+        assert tokens_of(speculating(other_model, batch=1), [r]) == {
+            r.request_id: together[r.request_id]
+        }
     # The target drafting for itself draws each draft with the plain sampler's draw, so
     # the accepted tokens are plain sampling's.
-    assert runs[0] == tokens_of(make_processor(), requests)
+    assert tokens_of(speculating(default_model), requests) == tokens_of(make_processor(), requests)
 
 
 def step_records(processor: BatchProcessor, request: Request) -> list[list[TokenRecord]]:
@@ -179,7 +211,7 @@ def test_drafts_shrink_to_the_free_kv_and_never_leak(make_processor: Make) -> No
     ]
     tight = {"max_batch_size": 8, "kv_cache_mb": 12 * 16 * 2048 / 2**20}
     plain = tokens_of(make_processor(**tight), requests)
-    processor = make_processor(num_speculative_tokens=6, **tight)
+    processor = lookup_processor(make_processor, FlatCosts(), **tight)
     assert processor.layout.num_blocks == 12
     assert run_checked(processor, requests) == plain
     assert processor.get_stats().kv_blocks_used == 0 and processor.get_stats().draft_tokens > 0
@@ -199,12 +231,50 @@ def test_cancel_frees_the_draft_models_kv(make_processor: Make, default_model: P
 def test_resumed_request_continues_exactly_with_speculation(make_processor: Make) -> None:
     ids, params = copying_prompt(3), SamplingParams(max_new_tokens=24, temperature=0.7, seed=5)
     full = tokens_of(make_processor(), [Request("a", ids, params)])["a"]
-    processor = make_processor(num_speculative_tokens=4)
+    processor = lookup_processor(make_processor, FlatCosts())
     processor.add_request(0, ids, params, generated=full[:5])
     rest = []
     while processor.has_work():
         rest += [r.token_id for r in processor.process_step()]
     assert full[:5] + rest == full
+
+
+def test_lookups_not_worth_verifying_are_judged_for_free(make_processor: Make) -> None:
+    requests = mixed_requests()
+    plain = tokens_of(make_processor(), requests)
+    processor = lookup_processor(make_processor, DearRows())
+    speculator = processor.speculator
+    alphas: dict[int, list[float]] = {}
+
+    def watch(_: object) -> None:
+        for seq, state in speculator._states.items():
+            alphas.setdefault(seq.handle, []).append(state.rate.alpha)
+
+    results = run_to_completion(processor, requests, watch)
+    assert {k: c.token_ids for k, c in results.items()} == plain
+    assert processor.get_stats().draft_tokens == 0  # nothing was verified...
+    # ...yet the estimates followed how the lookups fared: this checkpoint repeats itself.
+    assert max(a[-1] - a[0] for a in alphas.values()) > 0.3
+
+
+def test_a_lookup_guess_is_judged_against_the_tokens_that_follow() -> None:
+    config = EngineConfig(num_speculative_tokens=4)
+    speculator = Speculator(config, max_seq_len=100, backend=select_backend("cpu"))
+    speculator.costs = DearRows()
+    seq = Sequence(0, [5, 6, 7, 8, 5, 6, 7], SamplingParams(max_new_tokens=20))
+    assert speculator._by_prompt_lookup([seq]) == {}  # not worth verifying...
+    state = speculator._states[seq]
+    assert state.guess == (0, [8, 5, 6, 7])  # ...but remembered
+    before = state.rate.alpha
+    seq.generated += [8, 5]  # two tokens agree so far: not decided yet
+    speculator._by_prompt_lookup([seq])
+    assert state.rate.alpha == before and state.guess == (0, [8, 5, 6, 7])
+    seq.generated += [1]  # the third does not: 2 of 4 accepted
+    speculator._by_prompt_lookup([seq])
+    assert state.rate.hits == pytest.approx(0.8 * 1 + 2) and state.rate.trials == pytest.approx(
+        0.8 * 2 + 3
+    )
+    assert state.guess is None or state.guess[0] == 3  # a new guess from here on
 
 
 @pytest.mark.parametrize(

@@ -168,6 +168,14 @@ async def run(
     errors = sum("error" in r for r in records)
     elapsed = time.perf_counter() - started
     print(f"{len(records) - errors} requests in {elapsed:.1f} s, {errors} failed", file=sys.stderr)
+    stats = processor.get_stats()
+    if stats.draft_tokens:
+        rate = stats.accepted_draft_tokens / stats.draft_tokens
+        print(
+            f"speculative decoding: {stats.accepted_draft_tokens} of {stats.draft_tokens} "
+            f"draft tokens accepted ({rate:.0%})",
+            file=sys.stderr,
+        )
     return 1 if errors else 0
 
 

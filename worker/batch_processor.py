@@ -9,6 +9,7 @@ get_stats()       -> Status (the same record the worker sends the front)
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,9 +126,12 @@ class BatchProcessor:
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
+        started = time.perf_counter()
         if self.speculator is not None:
             self.speculator.propose(batch, self.scheduler)
         sampled, next_tokens, verified = self.runner.run(batch, self.speculator)
+        if self.speculator is not None:
+            self.speculator.observe_step(batch, time.perf_counter() - started)
         records = self.update_states(batch, sampled, next_tokens.tolist())
         for seq, tokens in verified.items():
             records += self.emit_verified(seq, len(batch.drafts[seq].tokens), tokens)

@@ -9,7 +9,7 @@ num_computed). A proposal, for all drafting sequences at once:
    (last step's accepted drafts) and takes the new ones; K/V past that prefix
    is dropped (num_computed shrinks), like the target's rollback;
 2. one forward over each shadow's pending tokens (1 + the accepted drafts
-   after a verify; the whole prompt the first time, within a token budget),
+   after a verify; the prompt the first time, a budget of tokens per step),
    sampling d_1 from the last row;
 3. k - 1 batched single-token decodes, sampling d_2..d_k.
 
@@ -48,7 +48,8 @@ class DraftModel:
     def __init__(
         self, checkpoint: Checkpoint, layout: KVCacheLayout, backend: Backend, budget: int
     ) -> None:
-        """`budget`: tokens the draft may catch up on (prompts) per step, over all sequences."""
+        """`budget`: tokens of its prompt one sequence's shadow may catch up on per step
+        (per sequence, so a sequence's drafts never depend on the others in its batch)."""
         self.runner = ModelRunner(checkpoint, layout, backend)
         self.allocator = self.runner.cache.allocator
         self.block_size = layout.block_size
@@ -66,23 +67,20 @@ class DraftModel:
     def propose(self, wants: dict[Sequence, int]) -> dict[Sequence, Draft]:
         """Draft up to wants[seq] tokens for each sequence; a sequence still catching up on
         its prompt, or whose draft KV does not fit, gets none this step."""
-        budget = self.budget
         chunks: list[tuple[Sequence, int]] = []
         lengths: dict[Sequence, int] = {}  # shadow -> draft length
         owners: dict[Sequence, Sequence] = {}  # shadow -> target sequence
         for seq, k in wants.items():
             shadow = self._sync(seq)
             pending = shadow.num_pending
-            if budget <= 0 or shadow.current_length + k - 1 > self.context:
+            if shadow.current_length + k - 1 > self.context:
                 continue
-            if pending > budget:  # a long prompt: catch up over several steps, no draft yet
-                if self._fit(shadow, shadow.num_computed + budget):
-                    chunks.append((shadow, budget))
-                budget = 0
+            if pending > self.budget:  # a long prompt: catch up over several steps first
+                if self._fit(shadow, shadow.num_computed + self.budget):
+                    chunks.append((shadow, self.budget))
                 continue
             if not self._fit(shadow, shadow.current_length + k - 1):
                 continue
-            budget -= pending
             chunks.append((shadow, pending))
             lengths[shadow], owners[shadow] = k, seq
         if not chunks:

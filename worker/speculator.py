@@ -6,13 +6,15 @@ One engine step with speculation (worker/batch_processor.py):
     speculator.propose(batch, scheduler)   # drafts for some decodes, KV slots reserved
     sampled, tokens, verified = runner.run(batch)   # decodes with drafts: 1 + k rows each
     ... emit each sequence's verified tokens one by one (stop checks), roll its KV back
-    speculator.record(seq, drafted, accepted)
+    speculator.record(seq, drafted, accepted); speculator.observe_step(batch, seconds)
 
 Drafts come from prompt lookup (`ngram`: n-gram matching in the sequence's
 own prompt and completion) or from a draft model (`draft`,
-worker/draft_model.py). Which sequences draft, and how far, follows each
-sequence's recent acceptance (`AcceptancePolicy`), so a request whose drafts
-keep failing (open-ended text) soon runs as a plain decode again.
+worker/draft_model.py). How far each sequence drafts follows
+worker/spec_policy.py: for prompt lookup, the expected accepted tokens
+against the measured cost of a larger step (so open-ended text, whose
+lookups rarely match what follows, runs as plain decodes); for a draft model,
+the sequence's own acceptance rate.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ from worker.model_config import ModelConfig, kv_bytes_per_token
 from worker.sampling import GREEDY_BELOW, sample
 from worker.scheduler import ScheduledBatch, Scheduler
 from worker.sequence import Sequence
+from worker.spec_policy import (
+    AcceptancePolicy,
+    AcceptanceRate,
+    StepCosts,
+    choose_draft_lengths,
+)
 from worker.speculative import (
     Draft,
     distributions,
@@ -46,54 +54,14 @@ Array = Any
 
 
 @dataclass
-class AcceptancePolicy:
-    """Per sequence: how many tokens to draft, from the recent acceptance rate.
+class _SequenceState:
+    """What the speculator keeps per sequence."""
 
-    `alpha` estimates the chance that a draft token is accepted given that the
-    one before it was: accepted drafts over drafts examined (the accepted ones
-    plus the first rejected), with older verifications' weight decaying by
-    DECAY. The j-th draft token is accepted with chance about alpha^j, so the
-    draft stops where that falls under MIN_CHANCE: each extra row of the
-    verify pass has to pay for itself. Below MIN_CHANCE for even one token
-    the sequence stops drafting for `cooldown` steps, doubling (up to
-    MAX_COOLDOWN) while the probes after it fail.
-    """
-
-    DECAY = 0.8
-    MIN_CHANCE = 0.4
-    MAX_COOLDOWN = 64
-
-    hits: float = 1.0  # prior: alpha = 1/2, worth two draft tokens
-    trials: float = 2.0
-    cooldown: int = 0
-    backoff: int = 0
-    drafted: int = 0  # totals, for the request's log line
+    rate: AcceptanceRate  # an AcceptancePolicy for draft-model sequences
+    tokens: np.ndarray | None = None  # prompt lookup: prompt + completion so far
+    guess: tuple[int, list[int]] | None = None  # an unverified lookup: (first index, tokens)
+    drafted: int = 0  # verified draft tokens, and accepted ones (for the log line)
     accepted: int = 0
-
-    @property
-    def alpha(self) -> float:
-        return self.hits / self.trials
-
-    def draft_length(self, limit: int) -> int:
-        """Draft tokens for this step (0 = plain decode); `limit` >= 0 caps it."""
-        if self.cooldown > 0:
-            self.cooldown -= 1
-            return 0
-        k, chance = 1, self.alpha  # at least one: a probe after a cooldown
-        while k < limit and chance * self.alpha >= self.MIN_CHANCE:
-            k, chance = k + 1, chance * self.alpha
-        return min(k, limit)
-
-    def update(self, drafted: int, accepted: int) -> None:
-        self.drafted += drafted
-        self.accepted += accepted
-        self.hits = self.DECAY * self.hits + accepted
-        self.trials = self.DECAY * self.trials + accepted + (accepted < drafted)
-        if self.alpha < self.MIN_CHANCE:
-            self.backoff = min(max(2 * self.backoff, 1), self.MAX_COOLDOWN)
-            self.cooldown = self.backoff
-        else:
-            self.backoff = 0
 
 
 class Speculator:
@@ -103,8 +71,8 @@ class Speculator:
         self.max_seq_len = max_seq_len
         self.backend = backend
         self.draft_model: Any = None  # worker.draft_model.DraftModel for method "draft"
-        self._policy: dict[Sequence, AcceptancePolicy] = {}
-        self._tokens: dict[Sequence, np.ndarray] = {}  # prompt lookup: each sequence's tokens
+        self.costs = StepCosts()
+        self._states: dict[Sequence, _SequenceState] = {}
         self.draft_tokens = 0  # totals since start, reported in Status
         self.accepted_tokens = 0
 
@@ -149,38 +117,82 @@ class Speculator:
     # -- drafting ---------------------------------------------------------------------
     def propose(self, batch: ScheduledBatch, scheduler: Scheduler) -> None:
         """Fill batch.drafts for the decodes worth drafting, with KV slots for them."""
-        wants: dict[Sequence, int] = {}
-        for seq in batch.decodes:
-            # Every emitted token must fit max_new_tokens and the context: 1 + k of them.
-            room = min(
-                seq.params.max_new_tokens - seq.tokens_generated,
-                self.max_seq_len - seq.current_length,
-            )
-            k = min(self.k, room - 1)
-            if k > 0:
-                k = self._policy.setdefault(seq, AcceptancePolicy()).draft_length(k)
-            if k > 0:
-                wants[seq] = k
-        if not wants:
-            return
         if self.draft_model is not None:
-            drafts = self.draft_model.propose(wants)
+            drafts = self._by_draft_model(batch.decodes)
         else:
-            drafts = {seq: Draft(self._lookup(seq, k)) for seq, k in wants.items()}
+            drafts = self._by_prompt_lookup(batch.decodes)
         for seq, draft in drafts.items():
             fit = scheduler.reserve_lookahead(seq, len(draft.tokens)) if draft.tokens else 0
             if fit > 0:
                 batch.drafts[seq] = draft.truncated(fit)
 
-    def _lookup(self, seq: Sequence, k: int) -> list[int]:
-        """Prompt lookup over seq's tokens, kept as an array grown by the new tokens only."""
-        tokens = self._tokens.get(seq)
-        if tokens is None:
-            tokens = self._tokens[seq] = np.asarray(seq.tokens, dtype=np.int64)
-        elif len(tokens) < seq.current_length:
-            new = np.asarray(seq.generated[len(tokens) - len(seq.prompt_ids) :], dtype=np.int64)
-            tokens = self._tokens[seq] = np.concatenate([tokens, new])
-        return prompt_lookup(tokens, k, *self.lookup)
+    def _limit(self, seq: Sequence) -> int:
+        """Most draft tokens for seq: 1 + k emitted tokens must fit max_new_tokens and the
+        context."""
+        room = min(
+            seq.params.max_new_tokens - seq.tokens_generated,
+            self.max_seq_len - seq.current_length,
+        )
+        return min(self.k, room - 1)
+
+    def _by_prompt_lookup(self, decodes: list[Sequence]) -> dict[Sequence, Draft]:
+        """Look every decode up; verify the lookups whose expected tokens pay for their rows
+        (spec_policy.choose_draft_lengths); the others are judged later, for free, against
+        the tokens the sequence goes on to produce."""
+        found: dict[Sequence, list[int]] = {}
+        offers: dict[Sequence, list[float]] = {}
+        for seq in decodes:
+            state = self._states.setdefault(seq, _SequenceState(AcceptanceRate()))
+            self._catch_up(seq, state)
+            limit = self._limit(seq)
+            if limit > 0 and state.tokens is not None:
+                draft = prompt_lookup(state.tokens, limit, *self.lookup)
+                if draft:
+                    found[seq], offers[seq] = draft, state.rate.chances(len(draft))
+        n = len(decodes)
+        lengths = choose_draft_lengths(offers, n, lambda rows: self.costs.estimate(n, rows))
+        drafts = {}
+        for seq, draft in found.items():
+            k = lengths.get(seq, 0)
+            if k:
+                drafts[seq] = Draft(draft[:k])
+            elif self._states[seq].guess is None:
+                self._states[seq].guess = (seq.tokens_generated, draft)
+        return drafts
+
+    def _catch_up(self, seq: Sequence, state: _SequenceState) -> None:
+        """Extend the lookup's token array by seq's new tokens; judge a pending guess."""
+        if state.tokens is None:
+            state.tokens = np.asarray(seq.tokens, dtype=np.int64)
+        elif len(state.tokens) < seq.current_length:
+            new = seq.generated[len(state.tokens) - len(seq.prompt_ids) :]
+            state.tokens = np.concatenate([state.tokens, np.asarray(new, dtype=np.int64)])
+        if state.guess is not None:
+            start, guess = state.guess
+            seen = seq.generated[start : start + len(guess)]
+            matched = 0
+            while matched < len(seen) and seen[matched] == guess[matched]:
+                matched += 1
+            if matched < len(seen) or len(seen) == len(guess):  # decided
+                state.rate.update(len(guess), matched)
+                state.guess = None
+
+    def _by_draft_model(self, decodes: list[Sequence]) -> dict[Sequence, Draft]:
+        """Draft lengths from each sequence's own acceptance (AcceptancePolicy) alone: a
+        sampled request's tokens depend on its drafts, so they must not depend on timing."""
+        wants = {}
+        for seq in decodes:
+            state = self._states.setdefault(seq, _SequenceState(AcceptancePolicy()))
+            limit = self._limit(seq)
+            k = state.rate.draft_length(limit) if limit > 0 else 0  # type: ignore[attr-defined]
+            if k > 0:
+                wants[seq] = k
+        return self.draft_model.propose(wants) if wants else {}
+
+    def observe_step(self, batch: ScheduledBatch, seconds: float) -> None:
+        """The wall time of a step (drafting, forward, verification), for StepCosts."""
+        if batch.decodes and not batch.prefills:
+            self.costs.observe(len(batch.decodes), batch.num_tokens, seconds)
 
     # -- verification -----------------------------------------------------------------
     def verify(self, logits: Array, drafts: dict[Sequence, Draft]) -> dict[Sequence, list[int]]:
@@ -221,21 +233,24 @@ class Speculator:
         )
 
     def record(self, seq: Sequence, drafted: int, accepted: int) -> None:
+        """A verification of seq's drafts: `accepted` of `drafted` tokens were."""
         self.draft_tokens += drafted
         self.accepted_tokens += accepted
-        self._policy[seq].update(drafted, accepted)
+        state = self._states[seq]
+        state.drafted += drafted
+        state.accepted += accepted
+        state.rate.update(drafted, accepted)
 
     def release(self, seq: Sequence) -> None:
         """A sequence left the engine: log its acceptance, free its draft state."""
-        policy = self._policy.pop(seq, None)
-        self._tokens.pop(seq, None)
+        state = self._states.pop(seq, None)
         if self.draft_model is not None:
             self.draft_model.release(seq)
-        if policy is not None and policy.drafted:
+        if state is not None and state.drafted:
             log.info(
                 "request handle %d: %d of %d draft tokens accepted (%.0f%%)",
                 seq.handle,
-                policy.accepted,
-                policy.drafted,
-                100 * policy.accepted / policy.drafted,
+                state.accepted,
+                state.drafted,
+                100 * state.accepted / state.drafted,
             )
