@@ -74,3 +74,21 @@ def test_bench_engine_quick_prints_every_table(default_model: Path, tmp_path: Pa
         if abs(measured - goal) > 0.005:
             assert target["result"] == ("PASS" if measured >= goal else "MISS"), target
     assert data["ceilings"]["copy_gbps"] > 0 and data["ceilings"]["matmul_gflops"] > 0
+
+
+def test_bench_speculative_quick_prints_the_table_with_the_same_tokens(
+    default_model: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "spec.json"
+    args = ["--quick", "--device", "cpu", "--model", str(default_model), "--json", str(out)]
+    result = run_script("bench_speculative.py", *args, "--draft-model", str(default_model))
+    assert result.returncode == 0, result.stdout + result.stderr  # 0: every mode's tokens agree
+    assert "### Greedy, 12 new tokens per request" in result.stdout
+    records = json.loads(out.read_text())
+    cells = {(r["workload"], r["batch"], r["mode"]) for r in records}
+    assert cells == {
+        (w, b, m) for w in ("copy", "open") for b in (1, 2) for m in ("plain", "ngram", "draft")
+    }
+    assert all(r["same"] == "yes" for r in records)
+    drafted = [r for r in records if r["mode"] == "draft"]
+    assert all(r["draft_tokens"] > 0 for r in drafted)  # the model drafting for itself
