@@ -1,7 +1,7 @@
 """BatchProcessor: continuous (iteration-level) batching over a paged KV cache.
 
 add_request(...)  -> queue a request (ValueError only if it can never run)
-process_step()    =  schedule -> forward -> sample -> update states -> compact
+process_step()    =  schedule -> (draft) -> forward -> sample (, verify) -> update states -> compact
 cancel(handle)    -> frees the slot and KV blocks at once
 get_stats()       -> Status (the same record the worker sends the front)
 """

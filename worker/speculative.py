@@ -97,7 +97,7 @@ def distributions(
     )
     ranked = probs / probs.sum(axis=-1, keepdims=True)  # (rows, vocab)
     dense = xp.zeros_like(ranked)
-    xp.put_along_axis(dense, order, ranked, axis=-1)  # (rows, vocab) by token id
+    dense[xp.arange(ranked.shape[0])[:, None], order] = ranked  # (rows, vocab) by token id
     return order, ranked, dense
 
 
