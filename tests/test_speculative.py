@@ -198,6 +198,9 @@ def test_step_costs_interpolate_and_stay_optimistic_past_what_was_measured() -> 
     costs.observe(2, 10, 0.110)  # a running average
     assert costs.estimate(2, 10) == pytest.approx(0.080)
     assert costs.estimate(3, 3) is None
+    for _ in range(StepCosts.MAX_AGE):  # plain steps only, for a long while
+        costs.observe(2, 2, 0.030)
+    assert costs.estimate(2, 10) == 0.030  # the old 10-row figure is forgotten: retried
 
 
 def cost_table(table: dict[int, float]) -> Callable[[int], float | None]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from speculation_costs import DearRows, FlatCosts
 
 from worker.backend import select_backend
 from worker.batch_processor import BatchProcessor, Request, run_to_completion
@@ -67,20 +68,6 @@ def run_checked(processor: BatchProcessor, requests: list[Request]) -> dict[str,
         k: c.token_ids
         for k, c in run_to_completion(processor, requests, lambda _: check_kv(processor)).items()
     }
-
-
-class FlatCosts(StepCosts):
-    """Every step costs the same whatever its rows: a device where drafting is free."""
-
-    def estimate(self, decodes: int, rows: int) -> float:
-        return 1.0
-
-
-class DearRows(StepCosts):
-    """Each row costs as much as a whole step: drafting never pays."""
-
-    def estimate(self, decodes: int, rows: int) -> float:
-        return float(rows)
 
 
 def lookup_processor(make_processor: Make, costs: StepCosts, **overrides: object) -> BatchProcessor:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from gguf_model import smollm2_gguf_fixture  # noqa: F401  (the `smollm2_gguf` fixture)
-from test_speculative_engine import FlatCosts
+from speculation_costs import FlatCosts
 
 from server.prompts import PromptEncoder
 from worker.backend import select_backend

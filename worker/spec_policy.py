@@ -86,21 +86,37 @@ class AcceptancePolicy(AcceptanceRate):
 
 @dataclass
 class StepCosts:
-    """Seconds of a decode-only engine step, by (decodes, query rows), learned online."""
+    """Seconds of a decode-only engine step, by (decodes, query rows), learned online.
+
+    A point not measured in the last MAX_AGE steps at its number of decodes is
+    forgotten, so one measured in a noisy moment cannot keep speculation off
+    for good: the next choice tries that size again (at most once per MAX_AGE
+    steps) and measures it afresh.
+    """
 
     WEIGHT = 0.25  # of the newest measurement in the running average
+    MAX_AGE = 256
 
-    seconds: dict[int, dict[int, float]] = field(default_factory=dict)
+    # decodes -> rows -> (running average, step count at the last measurement)
+    seconds: dict[int, dict[int, tuple[float, int]]] = field(default_factory=dict)
+    steps: dict[int, int] = field(default_factory=dict)  # decodes -> steps measured
 
     def observe(self, decodes: int, rows: int, seconds: float) -> None:
+        now = self.steps[decodes] = self.steps.get(decodes, 0) + 1
         table = self.seconds.setdefault(decodes, {})
         old = table.get(rows)
-        table[rows] = seconds if old is None else old + self.WEIGHT * (seconds - old)
+        average = seconds if old is None else old[0] + self.WEIGHT * (seconds - old[0])
+        table[rows] = (average, now)
 
     def estimate(self, decodes: int, rows: int) -> float | None:
         """Interpolated between measured row counts; beyond the largest, as cheap as it
         (optimistic: a larger step gets tried, then measured). None before any at `decodes`."""
-        table = self.seconds.get(decodes)
+        now = self.steps.get(decodes, 0)
+        table = {
+            r: average
+            for r, (average, seen) in self.seconds.get(decodes, {}).items()
+            if now - seen < self.MAX_AGE
+        }
         if not table:
             return None
         if rows in table:
