@@ -18,7 +18,7 @@ from server.metrics import Metrics
 from shoal.v1 import inference_pb2 as pb
 from worker.batch_processor import BatchProcessor, Request, run_to_completion
 from worker.channel.messages import Status
-from worker.channel.types import SamplingParams
+from worker.channel.types import EngineConfig, SamplingParams, WorkerArgs
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -34,6 +34,12 @@ def test_flags_and_env_reach_the_engine_config(tmp_path: Path) -> None:
     flags = ["--model", "m", "--draft-model", str(tmp_path), "--num-speculative-tokens", "2"]
     assert ServerConfig.from_args(flags, {}).engine.speculation == "draft"
     assert ServerConfig.from_args(["--model", "m"], {}).engine.speculation == ""
+
+
+def test_worker_args_carry_the_speculation_settings(tmp_path: Path) -> None:
+    engine = EngineConfig(num_speculative_tokens=3, draft_model=str(tmp_path), prompt_lookup_min=1)
+    args = WorkerArgs(0, "m", engine, "in", "out", 3, 4)
+    assert WorkerArgs.from_json(args.to_json()) == args
 
 
 @pytest.mark.parametrize(

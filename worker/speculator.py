@@ -28,6 +28,7 @@ import numpy as np
 from worker.backend import Backend
 from worker.channel.types import EngineConfig
 from worker.checkpoint import load_checkpoint
+from worker.draft_model import DraftModel
 from worker.kv_cache import KVCacheLayout, blocks_for
 from worker.model_config import ModelConfig, kv_bytes_per_token
 from worker.sampling import GREEDY_BELOW, sample
@@ -70,7 +71,7 @@ class Speculator:
         self.lookup = (config.prompt_lookup_min, config.prompt_lookup_max)
         self.max_seq_len = max_seq_len
         self.backend = backend
-        self.draft_model: Any = None  # worker.draft_model.DraftModel for method "draft"
+        self.draft_model: DraftModel | None = None  # for method "draft"
         self.costs = StepCosts()
         self._states: dict[Sequence, _SequenceState] = {}
         self.draft_tokens = 0  # totals since start, reported in Status
@@ -91,8 +92,6 @@ class Speculator:
         """
         speculator = cls(config, max_seq_len, backend)
         if config.speculation == "draft":
-            from worker.draft_model import DraftModel  # only workers that use one load it
-
             checkpoint = load_checkpoint(config.draft_model, backend)
             if checkpoint.config.vocab_size != target.vocab_size:
                 raise ValueError(
@@ -180,11 +179,13 @@ class Speculator:
     def _by_draft_model(self, decodes: list[Sequence]) -> dict[Sequence, Draft]:
         """Draft lengths from each sequence's own acceptance (AcceptancePolicy) alone: a
         sampled request's tokens depend on its drafts, so they must not depend on timing."""
+        assert self.draft_model is not None
         wants = {}
         for seq in decodes:
-            state = self._states.setdefault(seq, _SequenceState(AcceptancePolicy()))
+            policy = self._states.setdefault(seq, _SequenceState(AcceptancePolicy())).rate
+            assert isinstance(policy, AcceptancePolicy)
             limit = self._limit(seq)
-            k = state.rate.draft_length(limit) if limit > 0 else 0  # type: ignore[attr-defined]
+            k = policy.draft_length(limit) if limit > 0 else 0
             if k > 0:
                 wants[seq] = k
         return self.draft_model.propose(wants) if wants else {}
