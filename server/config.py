@@ -37,6 +37,10 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "kv_cache_mb": ("KV_CACHE_MB", "KV cache budget per worker, MiB"),
     "metrics_port": ("METRICS_PORT", "Prometheus metrics port (0 = off)"),
     "prefill_token_budget": ("PREFILL_TOKEN_BUDGET", "prompt tokens per engine step"),
+    "batch_invariant": (
+        "BATCH_INVARIANT",
+        "a request's logits bitwise independent of the batch (costs a lone request's speed)",
+    ),
     "max_new_tokens_limit": ("MAX_NEW_TOKENS_LIMIT", "largest max_new_tokens accepted"),
     "batch_timeout_ms": ("BATCH_TIMEOUT_MS", "batching window while a worker is idle, ms"),
     "aging_s": ("AGING_S", "a queued request moves up one priority class per this many s"),
@@ -72,6 +76,7 @@ class ServerConfig:
     kv_cache_mb: float = DEFAULT_KV_CACHE_MB
     metrics_port: int = 0  # 0 = no metrics endpoint
     prefill_token_budget: int = 512
+    batch_invariant: bool = False
     max_new_tokens_limit: int = 4096
     batch_timeout_ms: float = 5.0
     aging_s: float = 10.0
@@ -145,6 +150,7 @@ class ServerConfig:
             kv_cache_mb=self.kv_cache_mb,
             prefill_token_budget=self.prefill_token_budget,
             device=self.device,
+            batch_invariant=self.batch_invariant,
         )
 
     @property
@@ -178,6 +184,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         env, text = _OPTIONS[spec.name]
         convert = _converter(spec.name, spec.type)
         kwargs: dict[str, Any] = {"dest": spec.name, "type": convert, "help": f"{text} (${env})"}
+        if str(spec.type) == "bool":  # --name / --no-name; the env value is parsed strictly
+            kwargs["action"] = argparse.BooleanOptionalAction
         if env in environ:
             # argparse runs `type` on string defaults, so a bad env value is reported too.
             kwargs["default"] = environ[env]
@@ -195,7 +203,18 @@ def _converter(name: str, annotation: object) -> Callable[[str], Any]:
         return str.upper
     if name == "log_format":
         return str.lower
-    return {"int": int, "float": float}.get(str(annotation), str)
+    return {"int": int, "float": float, "bool": _boolean}.get(str(annotation), str)
+
+
+def _boolean(text: str | bool) -> bool:
+    if isinstance(text, bool):  # a flag's own default
+        return text
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, 1/0, yes/no or on/off (got {text!r})")
 
 
 def _named(name: str, rule: str) -> str:

@@ -18,6 +18,17 @@ Hidden scores get a large finite negative value rather than -inf: a row that
 sees nothing in one tile then carries weight exp(-1e30 - max) = 0 into the
 next, with no inf - inf to guard against. (Every query sees at least its own
 key, so no output row is an average over nothing.)
+
+Batch invariance (`batch_invariant=True`, docs/batch-invariance.md): a query
+row's result must not depend on the other rows of the call, nor on whether
+it is computed as a decode step or inside a prefill chunk of any size. Tiles
+start at block 0 for every query, so the online-softmax recurrence is the
+same for a token wherever it is computed; what varies is the width of the
+last tile (it follows the longest sequence of a decode batch, or the end of
+a prefill chunk), and a row's sum over a tile of another width rounds
+differently. So every tile is padded to the full width (padding keys are
+masked and add exact zeros), K^T is made row-major for the score product,
+and a lone query row is padded (worker/matmul.py says why both matter).
 """
 
 from __future__ import annotations
@@ -27,8 +38,21 @@ from typing import Any
 
 import numpy as np
 
+from worker.matmul import matmul
+
 Array = Any
 MASKED = np.float32(-1e30)
+TILE_TOKENS = 256  # keys per tile (rounded down to whole blocks, at least one)
+
+
+def tile_blocks(block_size: int, tile_tokens: int = TILE_TOKENS) -> int:
+    return max(1, tile_tokens // block_size)
+
+
+def product_shapes(head_dim: int, block_size: int) -> list[tuple[int, int]]:
+    """(K, N) of the two products per tile: scores q @ K^T, and probs @ V."""
+    keys = tile_blocks(block_size) * block_size
+    return [(head_dim, keys), (keys, head_dim)]
 
 
 def paged_attention(
@@ -41,7 +65,8 @@ def paged_attention(
     num_kv_blocks: int,
     scale: float,
     window: int | None = None,
-    tile_tokens: int = 256,
+    tile_tokens: int = TILE_TOKENS,
+    batch_invariant: bool = False,
 ) -> Array:
     """Attention of queries against their sequences' paged keys and values.
 
@@ -51,6 +76,7 @@ def paged_attention(
     q_positions:  (B, Q) int, absolute position of each query
     num_kv_blocks: how many leading table entries hold keys (a host int, so
                   the loop bound never needs a device sync)
+    batch_invariant: fixed-width tiles and no one-row products (module docstring)
     returns       (B, Q, n_heads, head_dim)
     """
     batch, n_q, n_heads, head_dim = q.shape
@@ -63,13 +89,18 @@ def paged_attention(
     qg = qg.reshape(batch, n_kv_heads, rows, head_dim) * np.float32(scale)
 
     q_pos = q_positions[:, None, None, :, None]  # (B, 1, 1, Q, 1)
-    tile_blocks = max(1, tile_tokens // block_size)
+    tile_width = tile_blocks(block_size, tile_tokens)
+    min_rows = 2 if batch_invariant else 1
     run_max = run_sum = acc = None
-    for first in range(0, num_kv_blocks, tile_blocks):
-        tile = block_tables[:, first : first + tile_blocks]  # (B, nb)
+    for first in range(0, num_kv_blocks, tile_width):
+        tile = block_tables[:, first : first + tile_width]  # (B, nb)
+        if batch_invariant and tile.shape[1] < tile_width:  # (B, tile_width), masked keys
+            tile = xp.pad(tile, ((0, 0), (0, tile_width - tile.shape[1])))
         n_keys = tile.shape[1] * block_size
         # (B, nb, bs, kvh, D) -> (B, L, kvh, D) -> K^T (B, kvh, D, L) and V (B, kvh, L, D)
         k = k_pool[tile].reshape(batch, n_keys, n_kv_heads, head_dim).transpose(0, 2, 3, 1)
+        if batch_invariant:  # row-major K^T: BLAS then picks its kernel by size alone
+            k = xp.ascontiguousarray(k)
         v = v_pool[tile].reshape(batch, n_keys, n_kv_heads, head_dim).transpose(0, 2, 1, 3)
 
         key_pos = xp.arange(first * block_size, first * block_size + n_keys)  # (L,)
@@ -77,20 +108,21 @@ def paged_attention(
         if window is not None:
             visible &= key_pos > q_pos - window
 
-        scores = (qg @ k).reshape(batch, n_kv_heads, group, n_q, n_keys)  # (B, kvh, g, Q, L)
+        scores = matmul(xp, qg, k, min_rows)  # (B, kvh, rows, L)
+        scores = scores.reshape(batch, n_kv_heads, group, n_q, n_keys)  # (B, kvh, g, Q, L)
         scores = xp.where(visible, scores, MASKED).reshape(batch, n_kv_heads, rows, n_keys)
         tile_max = scores.max(axis=-1, keepdims=True)  # (B, kvh, rows, 1)
         if acc is None:  # first tile: nothing to rescale yet
             run_max = tile_max
             probs = xp.exp(scores - run_max)  # (B, kvh, rows, L)
             run_sum = probs.sum(axis=-1, keepdims=True)  # (B, kvh, rows, 1)
-            acc = probs @ v  # (B, kvh, rows, D)
+            acc = matmul(xp, probs, v, min_rows)  # (B, kvh, rows, D)
             continue
         new_max = xp.maximum(run_max, tile_max)
         rescale = xp.exp(run_max - new_max)  # (B, kvh, rows, 1): earlier tiles' weight
         probs = xp.exp(scores - new_max)
         run_sum = run_sum * rescale + probs.sum(axis=-1, keepdims=True)
-        acc = acc * rescale + probs @ v
+        acc = acc * rescale + matmul(xp, probs, v, min_rows)
         run_max = new_max
 
     out = acc / run_sum  # (B, kvh, group*Q, D)

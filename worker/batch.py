@@ -55,6 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=float(os.environ.get("KV_CACHE_MB", DEFAULT_KV_CACHE_MB)),
     )
     parser.add_argument("--prefill-token-budget", type=int, default=512)
+    parser.add_argument(
+        "--batch-invariant",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="each request's logits bitwise independent of the batch (docs/batch-invariance.md)",
+    )
     return parser.parse_args(argv)
 
 
@@ -185,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_size=args.max_batch_size,
             kv_cache_mb=args.kv_cache_mb,
             prefill_token_budget=args.prefill_token_budget,
+            batch_invariant=args.batch_invariant,
             max_queue_len=max(1, len(lines)),
             retention_count=max(1, len(lines)),
             batch_timeout_ms=0,

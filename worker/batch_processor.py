@@ -35,7 +35,7 @@ class BatchProcessor:
         self.max_seq_len = min(config.max_seq_len or context, context)
         self.layout = plan_kv_cache(checkpoint.config, config.kv_cache_mb, config.block_size)
         log.info("%s", self.layout.describe())
-        self.runner = ModelRunner(checkpoint, self.layout, backend)
+        self.runner = ModelRunner(checkpoint, self.layout, backend, config.batch_invariant)
         self.scheduler = Scheduler(
             self.runner.cache.allocator,
             config.block_size,

@@ -64,6 +64,8 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     prefill_token_budget: int = 512  # prompt tokens per step, besides the decodes
     device: str = "auto"  # auto | cpu | cuda
+    # A row's logits bitwise independent of the rest of the batch (docs/batch-invariance.md)
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "kv_cache_mb", "block_size", "prefill_token_budget"):
