@@ -229,6 +229,27 @@ def model_checks(ref_proc: BatchProcessor, got_proc: BatchProcessor) -> list[Che
     return [check, Check("model tokens (mismatches)", shapes, mismatches, 0.0, mismatches == 0)]
 
 
+def batch_invariance_report(model_dir: Path, device: str) -> str:
+    """Does batch_invariant hold on this device? A request's logits alone vs beside 8 others."""
+    from batch_invariance_probe import target_logits  # scripts/ is on sys.path
+
+    def engine() -> BatchProcessor:
+        config = EngineConfig(16, None, 16, 16, 48, device, batch_invariant=True)
+        return BatchProcessor.from_model_dir(model_dir, config)
+
+    try:
+        alone_proc, batch_proc = engine(), engine()
+    except RuntimeError as err:  # the start-up check of the BLAS's kernels
+        return f"not available ({err})"
+    rng = np.random.default_rng(3)
+    target = rng.integers(1, 500, 24).tolist()
+    others = [rng.integers(1, 500, int(n)).tolist() for n in rng.integers(2, 60, 8)]
+    alone = target_logits(alone_proc, target, [])
+    batched = target_logits(batch_proc, target, others)
+    differ = sum(not np.array_equal(alone[i], batched[i]) for i in alone)
+    return f"{differ} of {len(alone)} tokens' logits differ alone vs beside 8 requests"
+
+
 def print_checks(title: str, checks: list[Check]) -> None:
     print(f"\n### {title}\n")
     print("| check | shapes | max abs diff | max rel diff | result |\n|---|---|---|---|---|")
@@ -279,9 +300,11 @@ def main(argv: list[str] | None = None) -> int:
         checks.append(rope_check(xp, rng, ref_proc, got_proc))
         checks += sampling_checks(xp, rng)
         checks += model_checks(ref_proc, got_proc)
+        invariance = batch_invariance_report(model_dir, device)
     print_checks(f"Kernels and model: numpy vs {xp.__name__} (rel = max|diff| / max|ref|)", checks)
     failed = [c.name for c in checks if not c.ok]
     print(f"\n{len(checks) - len(failed)}/{len(checks)} checks PASS", flush=True)
+    print(f"\nBatch invariance on {device} (reported, not a check): {invariance}", flush=True)
 
     status = 1 if failed else 0
     if not args.skip_bench:
