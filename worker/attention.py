@@ -25,34 +25,63 @@ it is computed as a decode step or inside a prefill chunk of any size. Tiles
 start at block 0 for every query, so the online-softmax recurrence is the
 same for a token wherever it is computed; what varies is the width of the
 last tile (it follows the longest sequence of a decode batch, or the end of
-a prefill chunk), and a row's sum over a tile of another width rounds
-differently. So every tile is padded to the full width (padding keys are
-masked and add exact zeros), K^T is made row-major for the score product,
-and a lone query row is padded (worker/matmul.py says why both matter).
+a prefill chunk), and NumPy's pairwise row sum rounds differently over a
+wider tile with extra zeros. So the row sum is taken by the same kind of
+product as probs @ V (a product sums over its K axis in one sequential run
+for the tile widths used here, where extra zero terms change nothing), a
+tile holds a multiple of KEY_ALIGN keys, K^T is made row-major for the
+score product, and a lone query row is padded (worker/matmul.py says why).
 """
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from worker.matmul import matmul
+from worker.matmul import check_attention_invariance, matmul
 
 Array = Any
 MASKED = np.float32(-1e30)
 TILE_TOKENS = 256  # keys per tile (rounded down to whole blocks, at least one)
+SUM_COLUMNS = 16  # ones columns of the batch-invariant row sum (row_sums)
+# Batch-invariant tiles hold a multiple of this many keys: OpenBLAS's score product gives a
+# row other bits over 24 or 40 keys than over 256, never over 16, 32, ... (measured).
+KEY_ALIGN = 16
 
 
 def tile_blocks(block_size: int, tile_tokens: int = TILE_TOKENS) -> int:
     return max(1, tile_tokens // block_size)
 
 
-def product_shapes(head_dim: int, block_size: int) -> list[tuple[int, int]]:
-    """(K, N) of the two products per tile: scores q @ K^T, and probs @ V."""
-    keys = tile_blocks(block_size) * block_size
-    return [(head_dim, keys), (keys, head_dim)]
+def check_batch_invariance(xp: ModuleType, head_dim: int, block_size: int) -> None:
+    """The BLAS facts batch-invariant attention relies on, at this model's shapes
+    (worker/matmul.py); RuntimeError naming the shape if one fails."""
+    keys = aligned_blocks(tile_blocks(block_size), block_size) * block_size
+    key_axis = [(keys, head_dim), (keys, SUM_COLUMNS)]  # probs @ V, the row sums
+    check_attention_invariance(xp, (head_dim, keys), key_axis, KEY_ALIGN)
+
+
+def aligned_blocks(blocks: int, block_size: int) -> int:
+    """Blocks rounded up so they hold a multiple of KEY_ALIGN keys."""
+    unit = KEY_ALIGN // math.gcd(KEY_ALIGN, block_size)
+    return -(-blocks // unit) * unit
+
+
+def row_sums(xp: ModuleType, probs: Array, batch_invariant: bool) -> Array:
+    """(..., rows, L) -> (..., rows, 1): each row's sum.
+
+    Batch-invariant: as a product with a ones matrix, which adds the terms in
+    the same order for any L, so zeros past a row's last visible key change
+    nothing. 16 columns: narrower ones go to OpenBLAS kernels that keep
+    neither property (measured; check_batch_invariance tests it at start).
+    """
+    if not batch_invariant:
+        return probs.sum(axis=-1, keepdims=True)
+    ones = xp.ones((probs.shape[-1], SUM_COLUMNS), dtype=probs.dtype)  # (L, 16)
+    return matmul(xp, probs, ones, 2)[..., :1]
 
 
 def paged_attention(
@@ -76,7 +105,7 @@ def paged_attention(
     q_positions:  (B, Q) int, absolute position of each query
     num_kv_blocks: how many leading table entries hold keys (a host int, so
                   the loop bound never needs a device sync)
-    batch_invariant: fixed-width tiles and no one-row products (module docstring)
+    batch_invariant: row sums as products, row-major K^T, no one-row products (above)
     returns       (B, Q, n_heads, head_dim)
     """
     batch, n_q, n_heads, head_dim = q.shape
@@ -94,8 +123,8 @@ def paged_attention(
     run_max = run_sum = acc = None
     for first in range(0, num_kv_blocks, tile_width):
         tile = block_tables[:, first : first + tile_width]  # (B, nb)
-        if batch_invariant and tile.shape[1] < tile_width:  # (B, tile_width), masked keys
-            tile = xp.pad(tile, ((0, 0), (0, tile_width - tile.shape[1])))
+        if batch_invariant and (width := aligned_blocks(tile.shape[1], block_size)) > tile.shape[1]:
+            tile = xp.pad(tile, ((0, 0), (0, width - tile.shape[1])))  # masked keys, see KEY_ALIGN
         n_keys = tile.shape[1] * block_size
         # (B, nb, bs, kvh, D) -> (B, L, kvh, D) -> K^T (B, kvh, D, L) and V (B, kvh, L, D)
         k = k_pool[tile].reshape(batch, n_keys, n_kv_heads, head_dim).transpose(0, 2, 3, 1)
@@ -115,13 +144,13 @@ def paged_attention(
         if acc is None:  # first tile: nothing to rescale yet
             run_max = tile_max
             probs = xp.exp(scores - run_max)  # (B, kvh, rows, L)
-            run_sum = probs.sum(axis=-1, keepdims=True)  # (B, kvh, rows, 1)
+            run_sum = row_sums(xp, probs, batch_invariant)  # (B, kvh, rows, 1)
             acc = matmul(xp, probs, v, min_rows)  # (B, kvh, rows, D)
             continue
         new_max = xp.maximum(run_max, tile_max)
         rescale = xp.exp(run_max - new_max)  # (B, kvh, rows, 1): earlier tiles' weight
         probs = xp.exp(scores - new_max)
-        run_sum = run_sum * rescale + probs.sum(axis=-1, keepdims=True)
+        run_sum = run_sum * rescale + row_sums(xp, probs, batch_invariant)
         acc = acc * rescale + matmul(xp, probs, v, min_rows)
         run_max = new_max
 

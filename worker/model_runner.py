@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from worker.attention import product_shapes
+from worker.attention import check_batch_invariance
 from worker.backend import Backend
 from worker.checkpoint import Checkpoint
 from worker.kv_cache import KVCache, KVCacheLayout, blocks_for
-from worker.matmul import check_row_invariance
+from worker.matmul import check_weight_invariance
 from worker.model import LlamaModel, PrefillSegment, StepInputs
 from worker.sampling import sample
 from worker.scheduler import ScheduledBatch
@@ -34,12 +34,9 @@ class ModelRunner:
         self.backend = backend
         self.config = checkpoint.config
         self.model = LlamaModel(checkpoint.config, checkpoint.weights, backend, batch_invariant)
-        if batch_invariant:  # fails at start, naming the shape, on a BLAS that breaks the rule
-            check_row_invariance(
-                backend.xp,
-                self.model.weight_shapes(),
-                product_shapes(checkpoint.config.head_dim, layout.block_size),
-            )
+        if batch_invariant:  # fails at start, naming the shape, on a BLAS that breaks a rule
+            check_weight_invariance(backend.xp, self.model.weight_shapes())
+            check_batch_invariance(backend.xp, checkpoint.config.head_dim, layout.block_size)
         self.cache = KVCache(checkpoint.config, layout, backend)
         self.block_size = layout.block_size
 
