@@ -198,7 +198,8 @@ def _penalties(r: RequestFields) -> float:
     """Check the three penalties; the repetition penalty as the engine takes it (1 = off)."""
     low, high = 1 / MAX_REPETITION_PENALTY, MAX_REPETITION_PENALTY
     p = r.repetition_penalty
-    if p != 0 and not low <= p <= high:  # also true for NaN
+    # gRPC carries a float32: 0.01 arrives as 0.0099999998, which is still the bound.
+    if p != 0 and not low * (1 - 1e-6) <= p <= high:  # also true for NaN
         raise InvalidRequest(
             f"repetition_penalty must be 0 (off) or in [{low:g}, {high:g}] (got {p:.7g})"
         )
