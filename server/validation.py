@@ -162,7 +162,7 @@ def validate(request: RequestFields, limits: Limits, prompts: Prompts) -> Valida
     if r.seed is not None and not 0 <= r.seed < UINT64:
         raise InvalidRequest(f"seed must be in [0, 2**64) (got {r.seed})")
     repetition_penalty = _penalties(r)
-    _logprobs(r)
+    _logprobs(r, min(MAX_TOP_LOGPROBS, limits.vocab_size))
     stop = _stop_strings(r.stop, limits)
     stop_token_ids = _stop_token_ids(r.stop_token_ids, limits)
     prompt_ids = _prompt_ids(r, limits, prompts)
@@ -211,12 +211,11 @@ def _penalties(r: RequestFields) -> float:
     return p if p != 0 else 1.0
 
 
-def _logprobs(r: RequestFields) -> None:
-    """top_logprobs in [0, 20], and only with logprobs (as OpenAI's chat API requires)."""
-    if not 0 <= r.top_logprobs <= MAX_TOP_LOGPROBS:
-        raise InvalidRequest(
-            f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}] (got {r.top_logprobs})"
-        )
+def _logprobs(r: RequestFields, limit: int) -> None:
+    """top_logprobs in [0, 20] (fewer for a vocab under 20), and only with logprobs (as
+    OpenAI's chat API requires)."""
+    if not 0 <= r.top_logprobs <= limit:
+        raise InvalidRequest(f"top_logprobs must be in [0, {limit}] (got {r.top_logprobs})")
     if r.top_logprobs and not r.logprobs:
         raise InvalidRequest(
             f"top_logprobs ({r.top_logprobs}) needs logprobs to be true (got false)"

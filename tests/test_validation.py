@@ -139,6 +139,15 @@ def test_penalties_off_values_and_logprobs_defaults(tokenizer: Tokenizer) -> Non
     assert params.logprobs and params.top_logprobs == 0  # the sampled token's only
 
 
+def test_top_logprobs_past_a_tiny_vocab(tokenizer: Tokenizer) -> None:
+    tiny = Limits(vocab_size=12, max_context=100, max_new_tokens_limit=50)
+    req = request(prompt_token_ids=[1], logprobs=True, top_logprobs=13)
+    with pytest.raises(InvalidRequest, match=r"top_logprobs must be in \[0, 12\] \(got 13\)"):
+        validate(req, tiny, tokenizer)
+    req = request(prompt_token_ids=[1], logprobs=True, top_logprobs=12)
+    assert validate(req, tiny, tokenizer).params.top_logprobs == 12
+
+
 def test_limits_are_inclusive(tokenizer: Tokenizer) -> None:
     req = request(
         request_id="x" * 128,

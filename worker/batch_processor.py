@@ -73,8 +73,9 @@ class BatchProcessor:
             raise ValueError(f"prompt_token_ids: token id {bad} is outside [0, {vocab})")
         if params.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be > 0")
-        if not 0 <= params.top_logprobs <= min(MAX_TOP_LOGPROBS, vocab):
-            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
+        top_limit = min(MAX_TOP_LOGPROBS, vocab)
+        if not 0 <= params.top_logprobs <= top_limit:
+            raise ValueError(f"top_logprobs must be in [0, {top_limit}]")
         if not (math.isfinite(params.repetition_penalty) and params.repetition_penalty > 0):
             raise ValueError("repetition_penalty must be finite and > 0")
         if len(generated) >= params.max_new_tokens:
