@@ -43,6 +43,18 @@ def summary_line(done: Completion) -> str:
     return " ".join(parts)
 
 
+def logprob_lines(done: Completion, first: int = 0) -> list[str]:
+    """One line per token (`first`: the index of the first): its index, id and
+    log-probability, then the alternatives as id:logprob."""
+    lines = []
+    for i, lp in enumerate(done.logprobs, start=first):
+        line = f"logprob {i} token={lp.token_id} {lp.logprob:.4f}"
+        if lp.top:
+            line += " top " + " ".join(f"{t.token_id}:{t.logprob:.4f}" for t in lp.top)
+        lines.append(line)
+    return lines
+
+
 def print_chunks(chunks: Iterable[Chunk], out: TextIO) -> Completion:
     """Write each chunk's text as it arrives (flushed), then return the whole completion."""
     builder = CompletionBuilder()
@@ -61,6 +73,8 @@ def cmd_generate(client: ShoalClient, args: argparse.Namespace) -> int:
     else:
         done = client.generate_text(**params)
         print(done.text)
+    for line in logprob_lines(done):
+        print(line, file=sys.stderr)
     print(summary_line(done), file=sys.stderr)
     return 0
 
@@ -96,6 +110,8 @@ def cmd_submit(client: ShoalClient, args: argparse.Namespace) -> int:
 
 def cmd_stream(client: ShoalClient, args: argparse.Namespace) -> int:
     done = print_chunks(client.stream(args.request_id, args.from_index), sys.stdout)
+    for line in logprob_lines(done, args.from_index):
+        print(line, file=sys.stderr)
     print(summary_line(done), file=sys.stderr)
     return 0
 

@@ -29,6 +29,26 @@ class Timing:
 
 
 @dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log-probability (natural log) and the most likely alternatives,
+    most likely first (as many as the request's top_logprobs); see inference.proto."""
+
+    token_id: int
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """{"token_id", "logprob", "top": [{"token_id", "logprob"}]}: the JSONL form."""
+        return dataclasses.asdict(self) | {"top": [dataclasses.asdict(t) for t in self.top]}
+
+
+@dataclass(frozen=True, slots=True)
 class Chunk:
     """New tokens of one request. finish_reason ("LENGTH", "STOP", "EOS", "CANCELLED") is
     None while the request runs; usage and timing are set on the last chunk only."""
@@ -40,6 +60,7 @@ class Chunk:
     finish_reason: str | None = None
     usage: Usage | None = None
     timing: Timing | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +73,7 @@ class Completion:
     finish_reason: str | None
     usage: Usage | None
     timing: Timing | None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +142,12 @@ def chunk_from_pb(msg: pb.GenerateChunk) -> Chunk:
         finish_reason=finish_reason_name(msg.finish_reason),
         usage=usage,
         timing=timing,
+        logprobs=tuple(
+            TokenLogprob(
+                lp.token_id, lp.logprob, tuple(TopLogprob(t.token_id, t.logprob) for t in lp.top)
+            )
+            for lp in msg.logprobs
+        ),
     )
 
 
@@ -165,6 +193,7 @@ class CompletionBuilder:
         self.request_id = ""
         self._text: list[str] = []
         self._tokens: list[int] = []
+        self._logprobs: list[TokenLogprob] = []
         self._last: Chunk | None = None
         self.usage: Usage | None = None
         self.timing: Timing | None = None
@@ -173,6 +202,7 @@ class CompletionBuilder:
         self.request_id = self.request_id or chunk.request_id
         self._text.append(chunk.text)
         self._tokens.extend(chunk.token_ids)
+        self._logprobs.extend(chunk.logprobs)
         self._last = chunk
         self.usage = chunk.usage or self.usage
         self.timing = chunk.timing or self.timing
@@ -185,4 +215,5 @@ class CompletionBuilder:
             finish_reason=self._last.finish_reason if self._last else None,
             usage=self.usage,
             timing=self.timing,
+            logprobs=tuple(self._logprobs),
         )

@@ -208,7 +208,7 @@ class Frontend:
                 continue  # cancelled or stopped here already
             if record.token_id >= 0:
                 previous = state.last_token_at
-                stopped = state.add_tokens([record.token_id])
+                stopped = state.add_tokens([record.token_id], [record.logprob])
                 self.metrics.token(state, previous)
                 if stopped:  # a stop string: the worker need not go on
                     self.engine.send(index, Cancel(state.handle))

@@ -56,6 +56,14 @@ def chunk_to_proto(chunk: Chunk, completion_tokens: int | None = None) -> pb.Gen
         token_ids=chunk.token_ids,
         text=chunk.text,
         finish_reason=FINISH_REASONS[chunk.finish_reason],
+        logprobs=[
+            pb.TokenLogprob(
+                token_id=lp.token_id,
+                logprob=lp.logprob,
+                top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+            )
+            for lp in chunk.logprobs
+        ],
     )
     if chunk.finish_reason != FinishReason.NONE:
         completion = completion_tokens

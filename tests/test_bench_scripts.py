@@ -47,6 +47,17 @@ def test_gpu_check_without_cupy_says_so_and_exits_2() -> None:
     assert "--xp numpy" in result.stdout
 
 
+def test_bench_features_quick_prints_every_mode(default_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "features.json"
+    args = ["--quick", "--device", "cpu", "--model", str(default_model), "--batch-sizes", "1,3"]
+    result = run_script("bench_features.py", *args, "--json", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Decode step by what the batch asks for" in result.stdout
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 * 5 and {r["batch"] for r in rows} == {1, 3}
+    assert [r["ratio"] for r in rows if r["mode"] == "nobody asks, bypassed"] == [1.0, 1.0]
+
+
 def test_bench_engine_quick_prints_every_table(default_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     args = ["--quick", "--device", "cpu", "--model", str(default_model), "--batch-sizes", "1,2,32"]

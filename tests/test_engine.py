@@ -216,6 +216,9 @@ def test_cancel_of_a_waiting_request(make_processor) -> None:
         ([1], SamplingParams(max_new_tokens=0), "max_new_tokens must be > 0"),
         (list(range(1, 300)), SamplingParams(), "context limit of 256"),
         ([1, 2], SamplingParams(max_new_tokens=100_000), "exceed the KV cache"),
+        ([1], SamplingParams(logprobs=True, top_logprobs=21), "top_logprobs must be in [0, 20]"),
+        ([1], SamplingParams(repetition_penalty=0.0), "repetition_penalty must be finite and > 0"),
+        ([1], SamplingParams(repetition_penalty=float("nan")), "repetition_penalty must be"),
     ],
 )
 def test_invalid_requests_name_the_field(make_processor, ids, params, message) -> None:

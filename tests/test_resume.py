@@ -188,6 +188,54 @@ def test_a_worker_killed_mid_stream_changes_no_completion(servers: ServerGroup) 
     print(f"16 requests, {len(resumed)} resumed; kill to all streams done {took:.1f} s")
 
 
+# -- logprobs across a resumption ---------------------------------------------------------
+def test_logprobs_sent_before_a_kill_are_kept_and_new_tokens_get_theirs(
+    servers: ServerGroup,
+) -> None:
+    """A resumed request's stream carries one TokenLogprob per token, before and after the
+    kill; a replay from 0 gives the same ones; values match a fault-free run (to float
+    rounding: the resumed request prefills what the first run decoded), penalties included."""
+    server = servers.start("--workers", "1", "--log-format", "json")
+    stub = server.stub()
+    fields = {
+        "prompt": "logprobs across a crash",
+        "max_new_tokens": 300,  # still running when the worker dies
+        "ignore_eos": True,
+        "temperature": 0.8,
+        "seed": 77,
+        "frequency_penalty": 0.8,
+        "repetition_penalty": 1.2,
+        "logprobs": True,
+        "top_logprobs": 3,
+    }
+    expected = list(stub.Generate(pb.GenerateRequest(**fields), timeout=120))
+    progress: dict[str, int] = {}
+    chunks: list[pb.GenerateChunk] = []
+
+    def follow() -> None:
+        for chunk in start(stub, "lp", fields):
+            chunks.append(chunk)
+            progress["lp"] = chunk.index + len(chunk.token_ids)
+
+    with ThreadPoolExecutor(1) as pool:
+        done = pool.submit(follow)
+        wait_for(lambda: progress.get("lp", 0) >= 10, 60, "tokens flow")
+        kill_and_wait_back(server)
+        done.result()
+    assert request_lines(server)["lp"]["resumptions"] == 1
+    for chunk in chunks:
+        assert [lp.token_id for lp in chunk.logprobs] == list(chunk.token_ids)
+    live = [lp for c in chunks for lp in c.logprobs]
+    assert len(live) == 300
+    replay = list(stub.Stream(pb.StreamRequest(request_id="lp"), timeout=30))
+    assert [lp for c in replay for lp in c.logprobs] == live
+    want = [lp for c in expected for lp in c.logprobs]
+    assert [lp.token_id for lp in live] == [lp.token_id for lp in want]
+    for got, ref in zip(live, want, strict=True):
+        assert got.logprob == pytest.approx(ref.logprob, abs=1e-4)
+        assert [t.token_id for t in got.top] == [t.token_id for t in ref.top]
+
+
 # -- the same request at three deaths: a likely poison request -----------------------------
 def test_a_request_on_its_worker_at_three_deaths_fails_and_the_others_go_on(
     servers: ServerGroup,

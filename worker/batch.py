@@ -12,7 +12,8 @@ json_format (server/proto_json.py): what grpcurl sends and `MessageToJson`
 writes (snake_case or camelCase names, "PRIORITY_HIGH", 64-bit integers as
 strings), plus the short priority names ("HIGH", "low"). Output lines, in
 input order, carry request_id, token_ids, text, finish_reason (the proto name,
-"FINISH_REASON_STOP") and usage: the proto JSON of one GenerateChunk holding
+"FINISH_REASON_STOP"), usage and, for a request that asked, logprobs (one
+{token_id, logprob, top} per token): the proto JSON of one GenerateChunk holding
 the whole completion. A bad line is answered with an `error` naming its line
 number and field; the rest still run.
 """
@@ -30,7 +31,12 @@ from typing import Any
 
 from server.config import ServerConfig
 from server.frontend import Frontend
-from server.proto_json import fields_from_proto, finish_reason_name, request_from_json
+from server.proto_json import (
+    fields_from_proto,
+    finish_reason_name,
+    logprobs_json,
+    request_from_json,
+)
 from server.requests import RequestError, RequestState
 from server.validation import InvalidRequest, validate
 from worker.batch_processor import BatchProcessor
@@ -98,22 +104,27 @@ async def collect(state: RequestState, progress: ProgressBar) -> dict[str, Any]:
     """Follow one request to its end; its output record (or an error record)."""
     tokens: list[int] = []
     text: list[str] = []
+    logprobs = []
     try:
         async for chunk in state.follow(0):
             tokens += chunk.token_ids
             text.append(chunk.text)
+            logprobs += chunk.logprobs
             progress.update(tokens=len(chunk.token_ids))
     except RequestError as err:
         progress.update(done=1)
         return {"request_id": state.request_id, "error": str(err)}
     progress.update(done=1)
-    return {
+    record = {
         "request_id": state.request_id,
         "token_ids": tokens,
         "text": "".join(text),
         "finish_reason": finish_reason_name(state.finish_reason),
         "usage": {"prompt_tokens": len(state.request.prompt_ids), "completion_tokens": len(tokens)},
     }
+    if state.request.params.logprobs:
+        record["logprobs"] = logprobs_json(logprobs)
+    return record
 
 
 async def run(

@@ -9,13 +9,22 @@ get_stats()       -> Status (the same record the worker sends the front)
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.backend import Backend, select_backend
 from worker.channel.messages import Status
-from worker.channel.types import EngineConfig, FinishReason, Priority, SamplingParams, TokenRecord
+from worker.channel.types import (
+    MAX_TOP_LOGPROBS,
+    EngineConfig,
+    FinishReason,
+    Priority,
+    SamplingParams,
+    TokenLogprob,
+    TokenRecord,
+)
 from worker.checkpoint import Checkpoint, load_checkpoint
 from worker.kv_cache import blocks_for, plan_kv_cache
 from worker.model_runner import ModelRunner
@@ -64,6 +73,11 @@ class BatchProcessor:
             raise ValueError(f"prompt_token_ids: token id {bad} is outside [0, {vocab})")
         if params.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be > 0")
+        top_limit = min(MAX_TOP_LOGPROBS, vocab)
+        if not 0 <= params.top_logprobs <= top_limit:
+            raise ValueError(f"top_logprobs must be in [0, {top_limit}]")
+        if not (math.isfinite(params.repetition_penalty) and params.repetition_penalty > 0):
+            raise ValueError("repetition_penalty must be finite and > 0")
         if len(generated) >= params.max_new_tokens:
             raise ValueError("generated tokens already reach max_new_tokens")
         if len(prompt_ids) + len(generated) >= self.max_seq_len:
@@ -117,25 +131,29 @@ class BatchProcessor:
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
-        sampled, next_tokens = self.runner.run(batch)
-        records = self.update_states(batch, sampled, next_tokens.tolist())
+        sampled, next_tokens, logprobs = self.runner.run(batch)
+        records = self.update_states(batch, sampled, next_tokens.tolist(), logprobs)
         self.compact()
         return records
 
     def update_states(
-        self, batch: ScheduledBatch, sampled: list[Sequence], next_tokens: list[int]
+        self,
+        batch: ScheduledBatch,
+        sampled: list[Sequence],
+        next_tokens: list[int],
+        logprobs: list[TokenLogprob | None] | None = None,
     ) -> list[TokenRecord]:
         for seq in batch.decodes:
             seq.num_computed += 1
         for seq, chunk in batch.prefills:
             seq.num_computed += chunk
         records = []
-        for seq, token in zip(sampled, next_tokens, strict=True):
+        logprobs = logprobs or [None] * len(sampled)
+        for seq, token, logprob in zip(sampled, next_tokens, logprobs, strict=True):
             seq.generated.append(token)
             seq.finish_reason = self.finish_reason(seq, token)
-            records.append(
-                TokenRecord(seq.handle, token, seq.tokens_generated - 1, seq.finish_reason)
-            )
+            index = seq.tokens_generated - 1
+            records.append(TokenRecord(seq.handle, token, index, seq.finish_reason, logprob))
         self.total_tokens += len(sampled)
         return records
 
@@ -188,6 +206,7 @@ class Completion:
     prompt_tokens: int
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason = FinishReason.NONE
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asked
 
 
 def run_to_completion(
@@ -210,6 +229,8 @@ def run_to_completion(
             done = by_handle[record.handle]
             done.token_ids.append(record.token_id)
             done.finish_reason = record.finish_reason
+            if record.logprob is not None:
+                done.logprobs.append(record.logprob)
         if on_records is not None:
             on_records(records)
     return {c.request_id: c for c in by_handle.values()}

@@ -12,11 +12,13 @@ import numpy as np
 
 from worker.attention import check_batch_invariance
 from worker.backend import Backend
+from worker.channel.types import TokenLogprob
 from worker.checkpoint import Checkpoint
 from worker.kv_cache import KVCache, KVCacheLayout, blocks_for
 from worker.matmul import check_weight_invariance
 from worker.model import LlamaModel, PrefillSegment, StepInputs
-from worker.sampling import sample
+from worker.penalties import penalize
+from worker.sampling import sample, token_logprobs
 from worker.scheduler import ScheduledBatch
 from worker.sequence import Sequence
 
@@ -96,16 +98,20 @@ class ModelRunner:
         )
         return step, sampled
 
-    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], np.ndarray]:
-        """One forward pass and sampling; returns the sampled sequences and their tokens."""
+    def run(
+        self, batch: ScheduledBatch
+    ) -> tuple[list[Sequence], np.ndarray, list[TokenLogprob | None]]:
+        """One forward pass and sampling: the sampled sequences, their tokens, and each
+        one's TokenLogprob (None where its request did not ask for logprobs)."""
         step, sampled = self.prepare(batch)
         logits = self.model.forward(step, self.cache)  # (S, vocab)
         if not sampled:
-            return sampled, np.empty(0, dtype=np.int64)
-        tokens = sample(
-            self.backend.xp,
-            logits,
-            params=[s.params for s in sampled],
-            indices=[s.tokens_generated for s in sampled],
-        )
-        return sampled, self.backend.to_host(tokens).astype(np.int64)
+            return sampled, np.empty(0, dtype=np.int64), []
+        xp = self.backend.xp
+        params = [s.params for s in sampled]
+        logits = penalize(
+            xp, logits, params, [s.prompt_ids for s in sampled], [s.generated for s in sampled]
+        )  # (S, vocab), the same array when no row is penalised
+        tokens = sample(xp, logits, params, indices=[s.tokens_generated for s in sampled])
+        logprobs = token_logprobs(xp, logits, params, tokens)  # [None] * S when none asks
+        return sampled, self.backend.to_host(tokens).astype(np.int64), logprobs

@@ -11,8 +11,15 @@ The codec is derived from the dataclass fields, in declaration order:
 byte, `str` a u32 byte length then UTF-8, `bytes` a u32 length then the
 bytes, `list[int]` / `tuple[int, ...]` a
 u32 count then u32 values, a nested dataclass its own fields in turn, and
-`list[TokenRecord]` a u32 count then fixed 21-byte records. A message is one
-kind byte (its position in MESSAGES) followed by its fields.
+`list[TokenRecord]` a u32 count, fixed 22-byte records, then the logprobs of
+the records that carry them. A message is one kind byte (its position in
+MESSAGES) followed by its fields.
+
+A record's last byte counts its logprob entries: 0 for none (a request that did
+not ask pays one byte), else 1 + len(top); those records' logprobs follow all
+the records, in order, each an f32 logprob then len(top) (u32 id, f32 logprob)
+pairs. The byte bounds a record to 255 entries (requests ask for at most 21),
+so a Tokens frame stays under ~2 KiB per record.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from functools import cache
 from typing import Any
 
-from worker.channel.types import FinishReason, Priority, SamplingParams, TokenRecord
+from worker.channel.types import FinishReason, Priority, SamplingParams, TokenLogprob, TokenRecord
 
 
 @dataclass(frozen=True)
@@ -132,7 +139,8 @@ _NESTED = {"SamplingParams": SamplingParams}
 _ENUMS = {"Priority": Priority, "FinishReason": FinishReason}
 _SCALARS = {"int": struct.Struct("<Q"), "float": struct.Struct("<d"), "bool": struct.Struct("<?")}
 _BYTE, _COUNT = struct.Struct("<B"), struct.Struct("<I")
-_RECORD = struct.Struct("<QqIB")  # handle, token_id, index, finish_reason
+_RECORD = struct.Struct("<QqIBB")  # handle, token_id, index, finish_reason, logprob entries
+_LOGPROB, _TOP = struct.Struct("<f"), struct.Struct("<If")  # a record's logprob; (id, logprob)
 _ID_LISTS = ("list[int]", "tuple[int, ...]")
 
 
@@ -166,12 +174,38 @@ def _write(obj: Any, out: list[bytes]) -> None:
         elif kind in _ID_LISTS:
             out += (_COUNT.pack(len(value)), array("I", value).tobytes())
         elif kind == "list[TokenRecord]":
-            out.append(_COUNT.pack(len(value)))
-            out += (_RECORD.pack(r.handle, r.token_id, r.index, r.finish_reason) for r in value)
+            _write_records(value, out)
         elif kind in _NESTED:
             _write(value, out)
         else:
             raise TypeError(f"{type(obj).__name__}.{name}: no wire codec for {kind}")
+
+
+def _write_records(records: list[TokenRecord], out: list[bytes]) -> None:
+    out.append(_COUNT.pack(len(records)))
+    for r in records:
+        entries = 0 if r.logprob is None else 1 + len(r.logprob.top)
+        out.append(_RECORD.pack(r.handle, r.token_id, r.index, r.finish_reason, entries))
+    for r in records:
+        if r.logprob is not None:
+            out.append(_LOGPROB.pack(r.logprob.logprob))
+            out += (_TOP.pack(token, logprob) for token, logprob in r.logprob.top)
+
+
+def _read_records(data: memoryview, offset: int, name: str) -> tuple[list[TokenRecord], int]:
+    (count,) = _COUNT.unpack_from(data, offset)
+    end = _span(data, offset + 4, _RECORD.size * count, name)
+    heads = list(_RECORD.iter_unpack(data[offset + 4 : end]))
+    records = []
+    for handle, token, index, finish, entries in heads:
+        logprob = None
+        if entries:
+            tail = _span(data, end, _LOGPROB.size + _TOP.size * (entries - 1), name)
+            (value,) = _LOGPROB.unpack_from(data, end)
+            top = tuple(_TOP.iter_unpack(data[end + _LOGPROB.size : tail]))
+            logprob, end = TokenLogprob(token, value, top), tail
+        records.append(TokenRecord(handle, token, index, FinishReason(finish), logprob))
+    return records, end
 
 
 def _span(data: memoryview, offset: int, size: int, name: str) -> int:
@@ -207,13 +241,7 @@ def _read(cls: type, data: memoryview, offset: int) -> tuple[Any, int]:
             values[name] = ids if kind == "list[int]" else tuple(ids)
             offset += 4 + 4 * count
         elif kind == "list[TokenRecord]":
-            (count,) = _COUNT.unpack_from(data, offset)
-            end = _span(data, offset + 4, _RECORD.size * count, name)
-            values[name] = [
-                TokenRecord(h, t, i, FinishReason(f))
-                for h, t, i, f in _RECORD.iter_unpack(data[offset + 4 : end])
-            ]
-            offset = end
+            values[name], offset = _read_records(data, offset, name)
         elif kind in _NESTED:
             values[name], offset = _read(_NESTED[kind], data, offset)
         else:

@@ -14,6 +14,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # MiB of KV pool per worker: holds an 8k-token context of a 135M model (46 KB/token) and
 # ~16k tokens of a 1B one (32 KB/token); a 3-7B model wants several GiB (--kv-cache-mb).
 DEFAULT_KV_CACHE_MB = 512.0
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's limit too)
 
 
 class Priority(enum.IntEnum):
@@ -48,10 +49,25 @@ class SamplingParams:
     seed: int = 0  # uint64; token i's random draw is a pure function of (seed, i)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Penalties (worker/penalties.py), applied before temperature; defaults are off.
+    repetition_penalty: float = 1.0  # Hugging Face: over prompt + completion; 1 = off
+    frequency_penalty: float = 0.0  # OpenAI: minus count * this, over the completion
+    presence_penalty: float = 0.0  # OpenAI: minus this for a token already in the completion
+    logprobs: bool = False  # report each sampled token's log-probability
+    top_logprobs: int = 0  # and this many most likely alternatives (0..20, with logprobs)
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty changes this request's logits."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+        )
 
 
 @dataclass(frozen=True)
@@ -79,18 +95,34 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability and the most likely alternatives (natural log).
+
+    Under the distribution the token was drawn from, after penalties and temperature,
+    before the top-k / top-p / min-p cut (worker/sampling.py `token_logprobs`). `top`:
+    (token_id, logprob) pairs, most likely first, as many as the request's top_logprobs.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenRecord:
     """One new token of one request, or the end of a request that produced none.
 
     `handle` names the request inside the worker and on the channel; `index` is
     the token's position in the completion. `token_id` is -1 on a record that
     carries only a finish (a cancellation). `finish_reason` is set on the last.
+    `logprob` is set only for a request that asked for logprobs.
     """
 
     handle: int
     token_id: int
     index: int
     finish_reason: FinishReason = FinishReason.NONE
+    logprob: TokenLogprob | None = None
 
 
 @dataclass(frozen=True)
