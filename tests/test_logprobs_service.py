@@ -32,7 +32,10 @@ PROMPT = [5, 6, 7, 8, 9]
 
 @pytest.fixture(scope="module")
 def server(module_servers: ServerGroup) -> RunningServer:
-    return module_servers.start("--workers", "1", "--max-batch-size", "8", "--kv-cache-mb", "16")
+    # Batch-invariant, so its logprobs equal a lone in-process engine's to the bit.
+    return module_servers.start(
+        "--workers", "1", "--max-batch-size", "8", "--kv-cache-mb", "16", "--batch-invariant"
+    )  # fmt: skip
 
 
 def generate(server: RunningServer, **fields: Any) -> list[pb.GenerateChunk]:
@@ -58,21 +61,9 @@ def from_json(logprobs: list[dict]) -> list[TokenLogprob]:
     ]
 
 
-def assert_close(got: Any, want: Any) -> None:
-    """The same ids, the same values up to float rounding (a batch's composition changes the
-    last bits of the logits: the engine is not batch-invariant, issue 14)."""
-    got, want = plain(got), plain(want)
-    assert [(t, [i for i, _ in top]) for t, _, top in got] == [
-        (t, [i for i, _ in top]) for t, _, top in want
-    ]
-    for (_, value, top), (_, expected, expected_top) in zip(got, want, strict=True):
-        assert value == pytest.approx(expected, abs=1e-5)
-        assert [v for _, v in top] == pytest.approx([v for _, v in expected_top], abs=1e-5)
-
-
 def engine(make_processor, prompt: list[int], **params: Any) -> Any:
     request = Request("x", prompt, SamplingParams(**params))
-    return run_to_completion(make_processor(), [request])["x"]
+    return run_to_completion(make_processor(batch_invariant=True), [request])["x"]
 
 
 def test_grpc_chunks_carry_one_logprob_per_token_as_the_engine_computes(
@@ -92,7 +83,7 @@ def test_grpc_chunks_carry_one_logprob_per_token_as_the_engine_computes(
     want = engine(make_processor, PROMPT, max_new_tokens=12, ignore_eos=True, logprobs=True,
                   top_logprobs=3)  # fmt: skip
     got = [lp for c in chunks for lp in c.logprobs]
-    assert_close(got, want.logprobs)
+    assert plain(got) == plain(want.logprobs)
     assert all(lp.top[0].token_id == lp.token_id for lp in got)  # greedy: the most likely
 
 
@@ -190,13 +181,13 @@ def test_jsonl_offline_and_through_the_server(
         {"request_id": "bad", "prompt": "x", "max_new_tokens": 2, "top_logprobs": 4},
         {"request_id": "bad2", "prompt": "x", "max_new_tokens": 2, "repetition_penalty": 1000},
     ]  # fmt: skip
-    proc, records = run_batch(default_model, tmp_path, lines)
+    proc, records = run_batch(default_model, tmp_path, lines, "--batch-invariant")
     assert proc.returncode == 1, proc.stderr
     by_id = {r["request_id"]: r for r in records}
     want = engine(make_processor, PROMPT, max_new_tokens=5, ignore_eos=True, logprobs=True,
                   top_logprobs=2)  # fmt: skip
     assert by_id["lp"]["token_ids"] == want.token_ids
-    assert_close(from_json(by_id["lp"]["logprobs"]), want.logprobs)
+    assert plain(from_json(by_id["lp"]["logprobs"])) == plain(want.logprobs)
     assert "logprobs" not in by_id["none"]
     penalised = engine(make_processor, PROMPT, max_new_tokens=5, ignore_eos=True,
                        frequency_penalty=1.5)  # fmt: skip
