@@ -54,6 +54,7 @@ def result_record(request_id: str, done: Completion) -> Record:
         usage = {
             "prompt_tokens": done.usage.prompt_tokens,
             "completion_tokens": done.usage.completion_tokens,
+            "cached_prompt_tokens": done.usage.cached_prompt_tokens,
         }
     return {
         "request_id": request_id,

@@ -37,6 +37,11 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "kv_cache_mb": ("KV_CACHE_MB", "KV cache budget per worker, MiB"),
     "metrics_port": ("METRICS_PORT", "Prometheus metrics port (0 = off)"),
     "prefill_token_budget": ("PREFILL_TOKEN_BUDGET", "prompt tokens per engine step"),
+    "prefix_caching": (
+        "PREFIX_CACHING",
+        "keep and share the KV blocks of equal prompt prefixes (--no-prefix-caching: off; "
+        "env: 1/0, true/false, yes/no, on/off)",
+    ),
     "max_new_tokens_limit": ("MAX_NEW_TOKENS_LIMIT", "largest max_new_tokens accepted"),
     "batch_timeout_ms": ("BATCH_TIMEOUT_MS", "batching window while a worker is idle, ms"),
     "aging_s": ("AGING_S", "a queued request moves up one priority class per this many s"),
@@ -72,6 +77,7 @@ class ServerConfig:
     kv_cache_mb: float = DEFAULT_KV_CACHE_MB
     metrics_port: int = 0  # 0 = no metrics endpoint
     prefill_token_budget: int = 512
+    prefix_caching: bool = True
     max_new_tokens_limit: int = 4096
     batch_timeout_ms: float = 5.0
     aging_s: float = 10.0
@@ -145,6 +151,7 @@ class ServerConfig:
             kv_cache_mb=self.kv_cache_mb,
             prefill_token_budget=self.prefill_token_budget,
             device=self.device,
+            prefix_caching=self.prefix_caching,
         )
 
     @property
@@ -176,11 +183,16 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     for spec in dataclasses.fields(ServerConfig):
         env, text = _OPTIONS[spec.name]
-        convert = _converter(spec.name, spec.type)
-        kwargs: dict[str, Any] = {"dest": spec.name, "type": convert, "help": f"{text} (${env})"}
+        kwargs: dict[str, Any] = {"dest": spec.name, "help": f"{text} (${env})"}
+        switch = str(spec.type) == "bool"
+        if switch:  # --name and --no-name
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _converter(spec.name, spec.type)
         if env in environ:
             # argparse runs `type` on string defaults, so a bad env value is reported too.
-            kwargs["default"] = environ[env]
+            value = environ[env]
+            kwargs["default"] = _env_bool(parser, env, value) if switch else value
         elif spec.default is dataclasses.MISSING:
             kwargs["required"] = True
         else:
@@ -196,6 +208,25 @@ def _converter(name: str, annotation: object) -> Callable[[str], Any]:
     if name == "log_format":
         return str.lower
     return {"int": int, "float": float}.get(str(annotation), str)
+
+
+def parse_switch(value: str) -> bool:
+    """An on/off environment value: 1/0, true/false, yes/no, on/off (ValueError otherwise)."""
+    word = value.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected 1/0, true/false, yes/no or on/off (got {value!r})")
+
+
+def _env_bool(parser: argparse.ArgumentParser, env: str, value: str) -> bool:
+    """A switch's environment variable; a bad value exits, as a bad flag does."""
+    try:
+        return parse_switch(value)
+    except ValueError as err:
+        parser.error(f"${env}: {err}")
+        raise AssertionError("unreachable") from None
 
 
 def _named(name: str, rule: str) -> str:

@@ -119,9 +119,12 @@ def test_message_codec_round_trips() -> None:
             "</s>",
         ),
         Tokens(
-            [TokenRecord(1, 5, 0, FinishReason.NONE), TokenRecord(2, -1, 9, FinishReason.CANCELLED)]
+            [
+                TokenRecord(1, 5, 0, FinishReason.NONE, 48),
+                TokenRecord(2, -1, 9, FinishReason.CANCELLED),
+            ]
         ),
-        Status(3, 29, 32, 10, 4096, 12345, 2**40, 2, 77, 9999),
+        Status(3, 29, 32, 10, 4096, 12345, 2**40, 2, 77, 9999, 17, 2**33, 2**32 + 5),
         Rejected(5, "prompt_token_ids: token id 9 is outside [0, 8) — ünïcode"),
     ]
     for message in messages:

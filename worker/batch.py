@@ -2,6 +2,7 @@
 
     python -m worker.batch --model DIR --input IN.jsonl --output OUT.jsonl
         [--device auto|cpu|cuda] [--max-batch-size B] [--kv-cache-mb M]
+        [--no-prefix-caching]
 
 The same request pipeline as the server (server/frontend.py: one validation,
 the pending queue, one detokenizer and stop-string matcher) over the engine
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from server.config import ServerConfig
+from server.config import ServerConfig, parse_switch
 from server.frontend import Frontend
 from server.proto_json import fields_from_proto, finish_reason_name, request_from_json
 from server.requests import RequestError, RequestState
@@ -55,6 +56,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=float(os.environ.get("KV_CACHE_MB", DEFAULT_KV_CACHE_MB)),
     )
     parser.add_argument("--prefill-token-budget", type=int, default=512)
+    parser.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep and share the KV blocks of equal prompt prefixes ($PREFIX_CACHING)",
+    )
+    if "PREFIX_CACHING" in os.environ:
+        try:
+            parser.set_defaults(prefix_caching=parse_switch(os.environ["PREFIX_CACHING"]))
+        except ValueError as err:
+            parser.error(f"$PREFIX_CACHING: {err}")
     return parser.parse_args(argv)
 
 
@@ -106,7 +118,11 @@ async def collect(state: RequestState, progress: ProgressBar) -> dict[str, Any]:
         "token_ids": tokens,
         "text": "".join(text),
         "finish_reason": finish_reason_name(state.finish_reason),
-        "usage": {"prompt_tokens": len(state.request.prompt_ids), "completion_tokens": len(tokens)},
+        "usage": {
+            "prompt_tokens": len(state.request.prompt_ids),
+            "completion_tokens": len(tokens),
+            "cached_prompt_tokens": state.cached_prompt_tokens,
+        },
     }
 
 
@@ -185,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_size=args.max_batch_size,
             kv_cache_mb=args.kv_cache_mb,
             prefill_token_budget=args.prefill_token_budget,
+            prefix_caching=args.prefix_caching,
             max_queue_len=max(1, len(lines)),
             retention_count=max(1, len(lines)),
             batch_timeout_ms=0,

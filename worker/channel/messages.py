@@ -11,7 +11,7 @@ The codec is derived from the dataclass fields, in declaration order:
 byte, `str` a u32 byte length then UTF-8, `bytes` a u32 length then the
 bytes, `list[int]` / `tuple[int, ...]` a
 u32 count then u32 values, a nested dataclass its own fields in turn, and
-`list[TokenRecord]` a u32 count then fixed 21-byte records. A message is one
+`list[TokenRecord]` a u32 count then fixed 25-byte records. A message is one
 kind byte (its position in MESSAGES) followed by its fields.
 """
 
@@ -86,9 +86,11 @@ class Status:
 
     `waiting` counts requests in the worker's admission queue, new or preempted.
     `kv_free_tokens` is what the KV pool can still take once the waiting
-    requests are in. `adds_received` and `add_tokens_received` count every Add
+    requests are in (cached prefix blocks nobody holds count as free: they are
+    evicted on demand). `adds_received` and `add_tokens_received` count every Add
     the worker has read (and their prompt tokens), so the front can subtract
-    what is still in flight.
+    what is still in flight. The prefix cache counters are in tokens, over every
+    admission since the worker started (recomputations after preemption too).
     """
 
     running: int
@@ -101,6 +103,9 @@ class Status:
     preemptions: int
     adds_received: int
     add_tokens_received: int
+    kv_blocks_cached: int = 0  # held by no sequence, kept for prefix cache hits
+    prefix_cache_query_tokens: int = 0  # tokens looked up at admission
+    prefix_cache_hit_tokens: int = 0  # of those, found cached (not computed again)
 
     @property
     def utilization(self) -> float:
@@ -108,9 +113,18 @@ class Status:
         return self.running / self.max_batch_size if self.max_batch_size else 0.0
 
     @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Prefix cache hit tokens / looked-up tokens, in [0, 1]; 0 before any lookup."""
+        return hit_rate(self.prefix_cache_hit_tokens, self.prefix_cache_query_tokens)
+
+    @property
     def free_slots(self) -> int:
         """Requests the worker could start now without queueing any."""
         return max(0, self.max_batch_size - self.running - self.waiting)
+
+
+def hit_rate(hits: int, queries: int) -> float:
+    return hits / queries if queries else 0.0
 
 
 @dataclass(frozen=True)
@@ -132,7 +146,7 @@ _NESTED = {"SamplingParams": SamplingParams}
 _ENUMS = {"Priority": Priority, "FinishReason": FinishReason}
 _SCALARS = {"int": struct.Struct("<Q"), "float": struct.Struct("<d"), "bool": struct.Struct("<?")}
 _BYTE, _COUNT = struct.Struct("<B"), struct.Struct("<I")
-_RECORD = struct.Struct("<QqIB")  # handle, token_id, index, finish_reason
+_RECORD = struct.Struct("<QqIBI")  # handle, token_id, index, finish_reason, cached prompt tokens
 _ID_LISTS = ("list[int]", "tuple[int, ...]")
 
 
@@ -167,7 +181,10 @@ def _write(obj: Any, out: list[bytes]) -> None:
             out += (_COUNT.pack(len(value)), array("I", value).tobytes())
         elif kind == "list[TokenRecord]":
             out.append(_COUNT.pack(len(value)))
-            out += (_RECORD.pack(r.handle, r.token_id, r.index, r.finish_reason) for r in value)
+            out += (
+                _RECORD.pack(r.handle, r.token_id, r.index, r.finish_reason, r.cached_prompt_tokens)
+                for r in value
+            )
         elif kind in _NESTED:
             _write(value, out)
         else:
@@ -210,8 +227,8 @@ def _read(cls: type, data: memoryview, offset: int) -> tuple[Any, int]:
             (count,) = _COUNT.unpack_from(data, offset)
             end = _span(data, offset + 4, _RECORD.size * count, name)
             values[name] = [
-                TokenRecord(h, t, i, FinishReason(f))
-                for h, t, i, f in _RECORD.iter_unpack(data[offset + 4 : end])
+                TokenRecord(h, t, i, FinishReason(f), c)
+                for h, t, i, f, c in _RECORD.iter_unpack(data[offset + 4 : end])
             ]
             offset = end
         elif kind in _NESTED:

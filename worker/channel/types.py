@@ -64,6 +64,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     prefill_token_budget: int = 512  # prompt tokens per step, besides the decodes
     device: str = "auto"  # auto | cpu | cuda
+    prefix_caching: bool = True  # share and keep full KV blocks of equal prefixes
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "kv_cache_mb", "block_size", "prefill_token_budget"):
@@ -83,12 +84,15 @@ class TokenRecord:
     `handle` names the request inside the worker and on the channel; `index` is
     the token's position in the completion. `token_id` is -1 on a record that
     carries only a finish (a cancellation). `finish_reason` is set on the last.
+    `cached_prompt_tokens`: prompt tokens whose K/V the request's first admission
+    on this worker found in the prefix cache (the same on each of its records).
     """
 
     handle: int
     token_id: int
     index: int
     finish_reason: FinishReason = FinishReason.NONE
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)

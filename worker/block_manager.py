@@ -1,0 +1,187 @@
+"""BlockManager: the KV pool's bookkeeping - allocation, reference counts, prefix caching.
+
+Block ids only, no arrays (worker/kv_cache.py holds the pool itself). A
+sequence's block table maps token t to block `table[t // block_size]`.
+
+Automatic prefix caching, as vLLM's and SGLang's. A block whose tokens are all
+written (full, K/V computed) is named by `block_hash`: a hash chained over its
+tokens and its prefix's hash, so two blocks with equal hashes hold equal K/V.
+A new sequence looks its full blocks up in order and starts its prefill after
+the longest run found; those blocks are shared, and `ref_count` says by how
+many sequences. At least one token is always computed, so that its logits
+exist: a prompt cached to its very end takes its last block fresh and
+recomputes it (as vLLM does), so a shared block is never written.
+
+When its last sequence lets go of a block (finished, cancelled, preempted),
+a hashed block keeps its K/V and hash ("cached", evictable), in an LRU; it is
+evicted - its hash forgotten, the block reused - only when an allocation finds
+no never-hashed free block. Every block is in exactly one state:
+
+    free       ref 0, no hash   `_free`, a stack (last freed, first reused: warm in the CPU cache)
+    cached     ref 0, a hash    `_evictable`, least recently used first
+    in use     ref > 0          held by `ref_count[b]` sequences (hashed or not)
+
+`num_free` counts free and cached blocks: all of them can be handed out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+
+from worker.kv_cache import blocks_for
+from worker.sequence import Sequence
+
+ROOT_HASH = bytes(32)  # the "prefix hash" of a sequence's first block
+
+
+def block_hash(parent: bytes, token_ids: list[int], extra: bytes = b"") -> bytes:
+    """SHA-256 of (prefix hash, extra, token ids as u32): the name of one full block's K/V.
+
+    `extra` is the hook for anything else that changes the K/V of the same tokens
+    (a LoRA adapter, a multimodal input's hash); nothing does today, so it is empty.
+    SHA-256 rather than Python's hash(): a collision would silently serve another
+    prompt's K/V (vLLM moved to SHA-256 for that reason).
+    """
+    h = hashlib.sha256(parent)
+    h.update(len(extra).to_bytes(4, "little"))
+    h.update(extra)
+    h.update(array("I", token_ids).tobytes())
+    return h.digest()
+
+
+class BlockManager:
+    """Allocation, hashing, reference counts and the LRU of cached blocks of one KV pool."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_count = [0] * num_blocks
+        self.hash_of: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # block hash -> the block holding that K/V
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # oldest first
+        # Prefix cache hit rate, in tokens, over every admission (also recomputations).
+        self.query_tokens = 0
+        self.hit_tokens = 0
+
+    @property
+    def num_free(self) -> int:
+        """Blocks an allocation can take: never-hashed free ones plus cached ones."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_used(self) -> int:
+        """Blocks some sequence holds."""
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks held by nobody that keep their K/V for a later prefix hit."""
+        return len(self._evictable)
+
+    # -- plain blocks -------------------------------------------------------------------
+    def allocate(self, count: int) -> list[int]:
+        """`count` blocks with nothing in them, each held once; evicts the LRU cached
+        blocks when the free stack runs out. MemoryError (taking nothing) past num_free."""
+        if count > self.num_free:
+            raise MemoryError(f"asked for {count} KV blocks, {self.num_free} free")
+        taken = []
+        for _ in range(count):
+            if self._free:
+                block = self._free.pop()
+            else:
+                block, _ = self._evictable.popitem(last=False)
+                del self.cached[self.hash_of[block]]  # type: ignore[index]
+                self.hash_of[block] = None
+            self.ref_count[block] = 1
+            taken.append(block)
+        return taken
+
+    def free(self, blocks: list[int]) -> None:
+        """Let go of one reference to each block (a whole table, in table order).
+
+        A block nobody holds any more becomes free, or cached if it has a hash. Cached
+        blocks join the LRU from the table's end, so a sequence's last blocks, the
+        least likely to be shared, are evicted first.
+        """
+        unnamed = []
+        for block in reversed(blocks):
+            assert self.ref_count[block] > 0, f"KV block {block} freed more often than taken"
+            self.ref_count[block] -= 1
+            if self.ref_count[block] == 0:
+                if self.hash_of[block] is None:
+                    unnamed.append(block)
+                else:
+                    self._evictable[block] = None
+        self._free.extend(reversed(unnamed))  # the table's last block on top: reused first
+
+    # -- sequences ----------------------------------------------------------------------
+    def allocate_sequence(self, seq: Sequence, reserve: int = 0) -> bool:
+        """Give a waiting sequence the blocks for all its tokens, its cached prefix shared.
+
+        Sets `seq.block_table` and `seq.num_computed` (the cached tokens, a multiple of
+        block_size, always fewer than its tokens). False, changing nothing, if fewer
+        than `reserve` blocks would be left free.
+        """
+        hits = self.cache_hits(seq)
+        fresh = blocks_for(seq.current_length, self.block_size) - len(hits)
+        revived = sum(1 for b in hits if self.ref_count[b] == 0)  # leave the cached LRU
+        if self.num_free < fresh + revived + reserve:
+            return False
+        for block in hits:
+            if self.ref_count[block] == 0:
+                del self._evictable[block]
+            self.ref_count[block] += 1
+        seq.block_table = hits + self.allocate(fresh)
+        seq.num_computed = len(hits) * self.block_size
+        seq.num_hashed_blocks = len(hits)
+        if seq.cached_prompt_tokens is None:  # the first admission's, as vLLM reports it
+            seq.cached_prompt_tokens = min(seq.num_computed, len(seq.prompt_ids))
+        if self.enable_prefix_caching:
+            self.query_tokens += seq.current_length
+            self.hit_tokens += seq.num_computed
+        return True
+
+    def cache_hits(self, seq: Sequence) -> list[int]:
+        """The cached blocks of seq's longest cached prefix, leaving at least one token."""
+        if not self.enable_prefix_caching:
+            return []
+        hashes = self._hashes(seq, (seq.current_length - 1) // self.block_size)
+        hits = []
+        for h in hashes:
+            block = self.cached.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def cache_computed(self, seq: Sequence) -> None:
+        """After a step: name the blocks of seq that are now full and computed.
+
+        A block whose hash another block already holds (the same prompt computed twice
+        at once) stays unnamed and is simply freed at the end.
+        """
+        if not self.enable_prefix_caching:
+            return
+        full = seq.num_computed // self.block_size
+        hashes = self._hashes(seq, full)
+        for i in range(seq.num_hashed_blocks, full):
+            if hashes[i] not in self.cached:
+                block = seq.block_table[i]
+                self.cached[hashes[i]] = block
+                self.hash_of[block] = hashes[i]
+        seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
+
+    def _hashes(self, seq: Sequence, count: int) -> list[bytes]:
+        """The chained hashes of seq's first `count` blocks (full ones), extended as needed:
+        a sequence's tokens never change, only grow, so they are computed once."""
+        hashes, bs, tokens = seq.block_hashes, self.block_size, None
+        while len(hashes) < count:
+            tokens = tokens or seq.tokens
+            i = len(hashes)
+            parent = hashes[-1] if hashes else ROOT_HASH
+            hashes.append(block_hash(parent, tokens[i * bs : (i + 1) * bs]))
+        return hashes[:count]
