@@ -163,6 +163,37 @@ def test_admission_counts_revived_cached_blocks_against_the_reserve() -> None:
     assert blocks.num_free == 1 and again.num_computed == 8
 
 
+def test_a_started_sequence_takes_over_blocks_computed_since_by_another() -> None:
+    """Two sequences with a common 2-block prefix start together (no hit for either); once
+    the first has computed the prefix, the second swaps its own blocks, not yet written,
+    for the first's before its prefill chunk, and starts after them."""
+    blocks = BlockManager(12, BS)
+    a, b = seq(0, [*range(1, 9), 20, 21]), seq(1, [*range(1, 9), 30, 31, 32, 33, 34])
+    blocks.allocate_sequence(a)
+    blocks.allocate_sequence(b)
+    assert a.num_computed == b.num_computed == 0
+    compute(blocks, a, 6)  # a chunk: only block 0 is full
+    own = list(b.block_table)
+    blocks.take_cached_blocks(b)
+    assert b.block_table == [a.block_table[0], *own[1:]] and b.num_computed == 4
+    assert b.cached_prompt_tokens == 4 and blocks.hit_tokens == 4
+    check_accounting(blocks, [a, b])
+    compute(blocks, a, 4)  # block 1 is full now too
+    blocks.take_cached_blocks(b)
+    assert b.block_table[:2] == a.block_table[:2] and b.num_computed == 8
+    assert b.cached_prompt_tokens == 8 and blocks.hit_tokens == 8
+    assert own[0] in blocks._free and own[1] in blocks._free  # never written, never named
+    check_accounting(blocks, [a, b])
+    compute(blocks, b, 1)  # mid-block: nothing to take over
+    blocks.take_cached_blocks(b)
+    assert b.num_computed == 9
+    b.num_preemptions = 1  # a recomputation after preemption is a hit, not reported
+    blocks.free(b.block_table)
+    b.block_table = []
+    blocks.allocate_sequence(b)
+    assert b.num_computed == 8 and b.cached_prompt_tokens == 8 and blocks.hit_tokens == 16
+
+
 def test_preempting_or_cancelling_a_sharer_never_frees_a_block_another_holds() -> None:
     blocks = BlockManager(8, BS)
     a, b = seq(0, list(range(1, 14))), seq(1, [*range(1, 9), 40, 41, 42])
@@ -221,10 +252,10 @@ def next_token(tokens: list[int]) -> int:
 class SchedulerWithSharing(RuleBasedStateMachine):
     """add / step / cancel on a tight pool; preemption happens by itself."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_blocks: int = 20, prefill_budget: int = 9) -> None:
         super().__init__()
-        self.blocks = BlockManager(20, BS)
-        self.scheduler = Scheduler(self.blocks, BS, max_batch_size=4, prefill_budget=9)
+        self.blocks = BlockManager(num_blocks, BS)
+        self.scheduler = Scheduler(self.blocks, BS, max_batch_size=4, prefill_budget=prefill_budget)
         self.live: dict[int, Sequence] = {}
         self.wanted: dict[int, int] = {}
         self.content: dict[tuple[int, int], tuple[int, ...]] = {}  # (block, offset) -> prefix
@@ -316,25 +347,42 @@ SchedulerWithSharing.TestCase.settings = settings(
 test_scheduler_with_sharing_keeps_every_invariant = SchedulerWithSharing.TestCase
 
 
-def test_random_load_shares_and_preempts() -> None:
-    """The state machine's load really exercises hits and preemption (not vacuous)."""
-    machine = SchedulerWithSharing()
+@pytest.mark.parametrize(
+    ("num_blocks", "budget", "min_new", "what"),
+    [(20, 9, 10, "preemptions"), (32, 4, 1, "take-overs")],
+)
+def test_random_load_shares_and_preempts(num_blocks: int, budget: int, min_new: int, what: str):
+    """The state machine's kind of load really exercises hits, preemption while sharing
+    (a tight pool, long outputs) and take-overs (a roomy pool, a small prefill budget)."""
+    machine = SchedulerWithSharing(num_blocks, budget)
+    take = machine.blocks.take_cached_blocks
+    taken = []
+
+    def counting(s: Sequence) -> None:
+        before = s.num_computed
+        take(s)
+        taken.append(s.num_computed > before)
+
+    machine.blocks.take_cached_blocks = counting  # type: ignore[method-assign]
     rng = np.random.default_rng(3)
     for i in range(300):
-        if i % 3 == 0:
-            machine.add(
-                int(rng.choice([0, 4, 8, 21, 40])),
-                int(rng.integers(0, 9)),
-                int(rng.integers(0, 3)),
-                Priority(int(rng.integers(0, 3))),
-                int(rng.integers(1, 14)),
-            )
+        if i % 6 == 0:  # a burst of 3 with one prefix: they start together
+            shared = int(rng.choice([0, 4, 8, 21, 40]))
+            for _ in range(3):
+                machine.add(
+                    shared,
+                    int(rng.integers(0, 9)),
+                    int(rng.integers(0, 3)),
+                    Priority(int(rng.integers(0, 3))),
+                    int(rng.integers(min_new, 14)),
+                )
         machine.step()
         machine.blocks_are_accounted_for()
         machine.every_computed_position_holds_its_own_prefix()
     machine.teardown()
-    assert machine.hits > 20 and machine.scheduler.num_preemptions > 0
-    assert machine.blocks.hit_tokens > 0 and machine.blocks.num_cached > 0
+    assert machine.hits > 50 and machine.blocks.hit_tokens > 0 and machine.blocks.num_cached > 0
+    count = {"preemptions": machine.scheduler.num_preemptions, "take-overs": sum(taken)}
+    assert count[what] > 5, count
 
 
 # -- the engine: tokens with and without the cache --------------------------------------------
@@ -398,6 +446,28 @@ def test_tokens_identical_with_and_without_prefix_caching(make_processor) -> Non
         k: c.token_ids for k, c in plain.items()
     }
     assert_no_leak(batched)
+
+
+def test_requests_starting_together_compute_their_common_prefix_once(make_processor) -> None:
+    """8 requests with a 120-token common prefix start in one step; the prefill budget is
+    32 tokens a step, so each later request takes over the blocks computed before its turn."""
+    requests = [
+        Request(
+            f"t{i}", prompt(120, seed=500) + prompt(10, seed=510 + i), GREEDY if i % 2 else SEEDED
+        )
+        for i in range(8)
+    ]
+    plain = make_processor(prefix_caching=False)
+    want = run_to_completion(plain, requests)
+    processor = make_processor()
+    got = run_to_completion(processor, requests)
+    assert {k: c.token_ids for k, c in got.items()} == {k: c.token_ids for k, c in want.items()}
+    cached = [got[f"t{i}"].cached_prompt_tokens for i in range(8)]
+    assert cached[0] == 0 and all(c == 112 for c in cached[1:])  # 7 whole blocks of 120
+    stats = processor.get_stats()
+    assert stats.prefix_cache_hit_tokens == 7 * 112
+    assert stats.prefix_cache_query_tokens == 8 * 130
+    assert_no_leak(processor)
 
 
 def test_generated_tokens_are_cached_for_the_next_turn(make_processor) -> None:

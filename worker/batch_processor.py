@@ -109,9 +109,8 @@ class BatchProcessor:
             return None
         seq.finish_reason = FinishReason.CANCELLED
         self.scheduler.remove(seq)
-        return TokenRecord(
-            handle, -1, seq.tokens_generated, FinishReason.CANCELLED, seq.cached_prompt_tokens or 0
-        )
+        index, cached = seq.tokens_generated, seq.cached_prompt_tokens
+        return TokenRecord(handle, -1, index, FinishReason.CANCELLED, cached)
 
     def has_work(self) -> bool:
         return bool(self._by_handle)
@@ -139,7 +138,7 @@ class BatchProcessor:
         for seq, token in zip(sampled, next_tokens, strict=True):
             seq.generated.append(token)
             seq.finish_reason = self.finish_reason(seq, token)
-            index, cached = seq.tokens_generated - 1, seq.cached_prompt_tokens or 0
+            index, cached = seq.tokens_generated - 1, seq.cached_prompt_tokens
             records.append(TokenRecord(seq.handle, token, index, seq.finish_reason, cached))
         self.total_tokens += len(sampled)
         return records

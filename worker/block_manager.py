@@ -131,32 +131,61 @@ class BlockManager:
         revived = sum(1 for b in hits if self.ref_count[b] == 0)  # leave the cached LRU
         if self.num_free < fresh + revived + reserve:
             return False
-        for block in hits:
-            if self.ref_count[block] == 0:
-                del self._evictable[block]
-            self.ref_count[block] += 1
+        self._share(hits)
         seq.block_table = hits + self.allocate(fresh)
-        seq.num_computed = len(hits) * self.block_size
-        seq.num_hashed_blocks = len(hits)
-        if seq.cached_prompt_tokens is None:  # the first admission's, as vLLM reports it
-            seq.cached_prompt_tokens = min(seq.num_computed, len(seq.prompt_ids))
+        seq.num_computed = seq.num_hashed_blocks = 0
         if self.enable_prefix_caching:
             self.query_tokens += seq.current_length
-            self.hit_tokens += seq.num_computed
+        self._computed_from_cache(seq, len(hits))
         return True
 
-    def cache_hits(self, seq: Sequence) -> list[int]:
-        """The cached blocks of seq's longest cached prefix, leaving at least one token."""
+    def take_cached_blocks(self, seq: Sequence) -> None:
+        """Before a prefill chunk: swap seq's next blocks, not computed yet, for cached ones
+        with the same content that other sequences computed since seq was admitted.
+
+        So requests with a common prefix that start together compute it once: the first
+        computes it while the others wait for prefill budget, and they go on after it.
+        """
+        if seq.num_computed % self.block_size:
+            return
+        start = seq.num_computed // self.block_size
+        hits = self.cache_hits(seq, start)
+        if not hits:
+            return
+        own = seq.block_table[start : start + len(hits)]
+        assert all(self.ref_count[b] == 1 and self.hash_of[b] is None for b in own)
+        self._share(hits)
+        seq.block_table[start : start + len(hits)] = hits
+        self.free(own)
+        self._computed_from_cache(seq, start + len(hits))
+
+    def cache_hits(self, seq: Sequence, start: int = 0) -> list[int]:
+        """The cached blocks that continue seq's first `start` blocks, as far as the cache
+        goes, leaving at least one token of seq to compute."""
         if not self.enable_prefix_caching:
             return []
         hashes = self._hashes(seq, (seq.current_length - 1) // self.block_size)
         hits = []
-        for h in hashes:
+        for h in hashes[start:]:
             block = self.cached.get(h)
             if block is None:
                 break
             hits.append(block)
         return hits
+
+    def _share(self, blocks: list[int]) -> None:
+        for block in blocks:
+            if self.ref_count[block] == 0:
+                del self._evictable[block]
+            self.ref_count[block] += 1
+
+    def _computed_from_cache(self, seq: Sequence, num_blocks: int) -> None:
+        """seq's first `num_blocks` blocks hold K/V from the cache: its prefill starts after."""
+        computed = num_blocks * self.block_size
+        self.hit_tokens += computed - seq.num_computed
+        seq.num_computed, seq.num_hashed_blocks = computed, num_blocks
+        if seq.num_preemptions == 0:  # reported for the first prefill only, as vLLM does
+            seq.cached_prompt_tokens = min(computed, len(seq.prompt_ids))
 
     def cache_computed(self, seq: Sequence) -> None:
         """After a step: name the blocks of seq that are now full and computed.

@@ -15,6 +15,9 @@ ordered by Sequence.rank: preempted first, then priority, then arrival) and
    cached), losing nothing;
 3. prefill chunks fill the remaining per-step token budget, so one long
    prompt is split across steps instead of stalling everyone's decoding.
+   Before its chunk, a sequence takes over the blocks of its prefix that
+   others computed since it started (requests that share a prompt prefix
+   and start together compute it once).
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ class Scheduler:
             if budget == 0:
                 break
             if not seq.is_decoding and seq.num_pending > 0:
+                self.block_manager.take_cached_blocks(seq)
                 chunk = min(seq.num_pending, budget)
                 batch.prefills.append((seq, chunk))
                 budget -= chunk
@@ -124,5 +128,6 @@ class Scheduler:
         self.remove(victim)
         victim.num_computed = 0
         victim.preempted = True
+        victim.num_preemptions += 1
         self.num_preemptions += 1
         self.add(victim)
