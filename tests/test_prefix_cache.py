@@ -194,6 +194,29 @@ def test_a_started_sequence_takes_over_blocks_computed_since_by_another() -> Non
     assert b.num_computed == 8 and b.cached_prompt_tokens == 8 and blocks.hit_tokens == 16
 
 
+def test_a_chunk_that_an_earlier_chunk_computes_in_the_same_step_waits_a_step() -> None:
+    """Three prompts with a common 3-block prefix start together under a large prefill
+    budget: only the first computes the prefix; the others wait one step, take it over,
+    and compute only their own tokens. A prompt with nothing in common is not held up."""
+    blocks = BlockManager(32, BS)
+    scheduler = Scheduler(blocks, BS, max_batch_size=8, prefill_budget=64)
+    common = list(range(1, 13))
+    a, b, c = seq(0, [*common, 50]), seq(1, [*common, 60, 61]), seq(2, [*common, 70])
+    other = seq(3, list(range(80, 95)))
+    for s in (a, b, c, other):
+        scheduler.add(s)
+    batch = scheduler.schedule()
+    assert [(s.handle, n) for s, n in batch.prefills] == [(0, 13), (3, 15)]
+    for s, n in batch.prefills:
+        compute(blocks, s, n)
+        s.generated.append(7)
+    batch = scheduler.schedule()
+    assert [(s.handle, n) for s, n in batch.prefills] == [(1, 2), (2, 1)]
+    assert b.num_computed == c.num_computed == 12 and b.block_table[:3] == a.block_table[:3]
+    assert (b.cached_prompt_tokens, c.cached_prompt_tokens) == (12, 12)
+    check_accounting(blocks, scheduler.running)
+
+
 def test_preempting_or_cancelling_a_sharer_never_frees_a_block_another_holds() -> None:
     blocks = BlockManager(8, BS)
     a, b = seq(0, list(range(1, 14))), seq(1, [*range(1, 9), 40, 41, 42])

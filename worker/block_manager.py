@@ -159,12 +159,30 @@ class BlockManager:
         self.free(own)
         self._computed_from_cache(seq, start + len(hits))
 
+    def next_block_hash(self, seq: Sequence) -> bytes | None:
+        """The hash of the block seq computes next, if that block could come from the cache
+        (it starts at a block boundary and leaves a token to compute); else None."""
+        i, offset = divmod(seq.num_computed, self.block_size)
+        if not self.enable_prefix_caching or offset or i >= self._max_hits(seq):
+            return None
+        return self._hashes(seq, i + 1)[i]
+
+    def hashes_completed(self, seq: Sequence, chunk: int) -> list[bytes]:
+        """The hashes of the blocks that seq's next `chunk` tokens fill."""
+        if not self.enable_prefix_caching:
+            return []
+        first, last = (
+            seq.num_computed // self.block_size,
+            (seq.num_computed + chunk) // self.block_size,
+        )
+        return self._hashes(seq, last)[first:]
+
     def cache_hits(self, seq: Sequence, start: int = 0) -> list[int]:
         """The cached blocks that continue seq's first `start` blocks, as far as the cache
         goes, leaving at least one token of seq to compute."""
         if not self.enable_prefix_caching:
             return []
-        hashes = self._hashes(seq, (seq.current_length - 1) // self.block_size)
+        hashes = self._hashes(seq, self._max_hits(seq))
         hits = []
         for h in hashes[start:]:
             block = self.cached.get(h)
@@ -172,6 +190,10 @@ class BlockManager:
                 break
             hits.append(block)
         return hits
+
+    def _max_hits(self, seq: Sequence) -> int:
+        """Blocks of seq the cache may supply: all full ones short of its last token."""
+        return (seq.current_length - 1) // self.block_size
 
     def _share(self, blocks: list[int]) -> None:
         for block in blocks:

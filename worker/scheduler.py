@@ -15,9 +15,10 @@ ordered by Sequence.rank: preempted first, then priority, then arrival) and
    cached), losing nothing;
 3. prefill chunks fill the remaining per-step token budget, so one long
    prompt is split across steps instead of stalling everyone's decoding.
-   Before its chunk, a sequence takes over the blocks of its prefix that
-   others computed since it started (requests that share a prompt prefix
-   and start together compute it once).
+   Requests that share a prompt prefix and start together compute it once:
+   a sequence whose next block an earlier chunk of the same step computes
+   waits a step, and before its chunk a sequence takes over the blocks of
+   its prefix that others computed since it started.
 """
 
 from __future__ import annotations
@@ -91,14 +92,18 @@ class Scheduler:
             if seq in self.running and seq.is_decoding and self._reserve_slot(seq):
                 batch.decodes.append(seq)
 
-        budget = self.prefill_budget
+        budget, blocks = self.prefill_budget, self.block_manager
+        computing: set[bytes] = set()  # hashes of the blocks this step's chunks fill
         for seq in sorted(self.running, key=lambda s: s.rank):
             if budget == 0:
                 break
             if not seq.is_decoding and seq.num_pending > 0:
-                self.block_manager.take_cached_blocks(seq)
+                blocks.take_cached_blocks(seq)
+                if blocks.next_block_hash(seq) in computing:
+                    continue  # an earlier chunk computes it now: taken over next step
                 chunk = min(seq.num_pending, budget)
                 batch.prefills.append((seq, chunk))
+                computing.update(blocks.hashes_completed(seq, chunk))
                 budget -= chunk
         return batch
 
