@@ -42,7 +42,7 @@ def block_hash(parent: bytes, token_ids: list[int], extra: bytes = b"") -> bytes
     `extra` is the hook for anything else that changes the K/V of the same tokens
     (a LoRA adapter, a multimodal input's hash); nothing does today, so it is empty.
     SHA-256 rather than Python's hash(): a collision would silently serve another
-    prompt's K/V (vLLM moved to SHA-256 for that reason).
+    prompt's K/V (vLLM offers SHA-256 for that reason).
     """
     h = hashlib.sha256(parent)
     h.update(len(extra).to_bytes(4, "little"))
@@ -159,23 +159,22 @@ class BlockManager:
         self.free(own)
         self._computed_from_cache(seq, start + len(hits))
 
-    def next_block_hash(self, seq: Sequence) -> bytes | None:
-        """The hash of the block seq computes next, if that block could come from the cache
-        (it starts at a block boundary and leaves a token to compute); else None."""
-        i, offset = divmod(seq.num_computed, self.block_size)
-        if not self.enable_prefix_caching or offset or i >= self._max_hits(seq):
-            return None
-        return self._hashes(seq, i + 1)[i]
+    def cache_computed(self, seq: Sequence) -> None:
+        """After a step: name the blocks of seq that are now full and computed.
 
-    def hashes_completed(self, seq: Sequence, chunk: int) -> list[bytes]:
-        """The hashes of the blocks that seq's next `chunk` tokens fill."""
+        A block whose hash another block already holds (the same prompt computed twice
+        at once) stays unnamed and is simply freed at the end.
+        """
         if not self.enable_prefix_caching:
-            return []
-        first, last = (
-            seq.num_computed // self.block_size,
-            (seq.num_computed + chunk) // self.block_size,
-        )
-        return self._hashes(seq, last)[first:]
+            return
+        full = seq.num_computed // self.block_size
+        hashes = self._hashes(seq, full)
+        for i in range(seq.num_hashed_blocks, full):
+            if hashes[i] not in self.cached:
+                block = seq.block_table[i]
+                self.cached[hashes[i]] = block
+                self.hash_of[block] = hashes[i]
+        seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
 
     def cache_hits(self, seq: Sequence, start: int = 0) -> list[int]:
         """The cached blocks that continue seq's first `start` blocks, as far as the cache
@@ -190,6 +189,21 @@ class BlockManager:
                 break
             hits.append(block)
         return hits
+
+    def next_block_hash(self, seq: Sequence) -> bytes | None:
+        """The hash of the block seq computes next, if that block could come from the cache
+        (it starts at a block boundary and leaves a token to compute); else None."""
+        i, offset = divmod(seq.num_computed, self.block_size)
+        if not self.enable_prefix_caching or offset or i >= self._max_hits(seq):
+            return None
+        return self._hashes(seq, i + 1)[i]
+
+    def hashes_completed(self, seq: Sequence, chunk: int) -> list[bytes]:
+        """The hashes of the blocks that seq's next `chunk` tokens fill."""
+        if not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        return self._hashes(seq, (seq.num_computed + chunk) // bs)[seq.num_computed // bs :]
 
     def _max_hits(self, seq: Sequence) -> int:
         """Blocks of seq the cache may supply: all full ones short of its last token."""
@@ -208,23 +222,6 @@ class BlockManager:
         seq.num_computed, seq.num_hashed_blocks = computed, num_blocks
         if seq.num_preemptions == 0:  # reported for the first prefill only, as vLLM does
             seq.cached_prompt_tokens = min(computed, len(seq.prompt_ids))
-
-    def cache_computed(self, seq: Sequence) -> None:
-        """After a step: name the blocks of seq that are now full and computed.
-
-        A block whose hash another block already holds (the same prompt computed twice
-        at once) stays unnamed and is simply freed at the end.
-        """
-        if not self.enable_prefix_caching:
-            return
-        full = seq.num_computed // self.block_size
-        hashes = self._hashes(seq, full)
-        for i in range(seq.num_hashed_blocks, full):
-            if hashes[i] not in self.cached:
-                block = seq.block_table[i]
-                self.cached[hashes[i]] = block
-                self.hash_of[block] = hashes[i]
-        seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
 
     def _hashes(self, seq: Sequence, count: int) -> list[bytes]:
         """The chained hashes of seq's first `count` blocks (full ones), extended as needed:
