@@ -39,8 +39,7 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "prefill_token_budget": ("PREFILL_TOKEN_BUDGET", "prompt tokens per engine step"),
     "prefix_caching": (
         "PREFIX_CACHING",
-        "keep and share the KV blocks of equal prompt prefixes (--no-prefix-caching: off; "
-        "env: 1/0, true/false, yes/no, on/off)",
+        "keep and share the KV blocks of equal prompt prefixes (--no-prefix-caching: off)",
     ),
     "max_new_tokens_limit": ("MAX_NEW_TOKENS_LIMIT", "largest max_new_tokens accepted"),
     "batch_timeout_ms": ("BATCH_TIMEOUT_MS", "batching window while a worker is idle, ms"),
@@ -183,16 +182,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     for spec in dataclasses.fields(ServerConfig):
         env, text = _OPTIONS[spec.name]
-        kwargs: dict[str, Any] = {"dest": spec.name, "help": f"{text} (${env})"}
-        switch = str(spec.type) == "bool"
-        if switch:  # --name and --no-name
+        convert = _converter(spec.name, spec.type)
+        kwargs: dict[str, Any] = {"dest": spec.name, "type": convert, "help": f"{text} (${env})"}
+        if str(spec.type) == "bool":  # --name / --no-name; the env value is parsed strictly
             kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = _converter(spec.name, spec.type)
         if env in environ:
             # argparse runs `type` on string defaults, so a bad env value is reported too.
-            value = environ[env]
-            kwargs["default"] = _env_bool(parser, env, value) if switch else value
+            kwargs["default"] = environ[env]
         elif spec.default is dataclasses.MISSING:
             kwargs["required"] = True
         else:
@@ -207,26 +203,18 @@ def _converter(name: str, annotation: object) -> Callable[[str], Any]:
         return str.upper
     if name == "log_format":
         return str.lower
-    return {"int": int, "float": float}.get(str(annotation), str)
+    return {"int": int, "float": float, "bool": _boolean}.get(str(annotation), str)
 
 
-def parse_switch(value: str) -> bool:
-    """An on/off environment value: 1/0, true/false, yes/no, on/off (ValueError otherwise)."""
-    word = value.strip().lower()
-    if word in ("1", "true", "yes", "on"):
+def _boolean(text: str | bool) -> bool:
+    if isinstance(text, bool):  # a flag's own default
+        return text
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
         return True
-    if word in ("0", "false", "no", "off"):
+    if value in ("0", "false", "no", "off", ""):
         return False
-    raise ValueError(f"expected 1/0, true/false, yes/no or on/off (got {value!r})")
-
-
-def _env_bool(parser: argparse.ArgumentParser, env: str, value: str) -> bool:
-    """A switch's environment variable; a bad value exits, as a bad flag does."""
-    try:
-        return parse_switch(value)
-    except ValueError as err:
-        parser.error(f"${env}: {err}")
-        raise AssertionError("unreachable") from None
+    raise argparse.ArgumentTypeError(f"expected true/false, 1/0, yes/no or on/off (got {text!r})")
 
 
 def _named(name: str, rule: str) -> str:

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from server.config import ServerConfig, parse_switch
+from server.config import ServerConfig
 from server.frontend import Frontend
 from server.proto_json import fields_from_proto, finish_reason_name, request_from_json
 from server.requests import RequestError, RequestState
@@ -60,13 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="keep and share the KV blocks of equal prompt prefixes ($PREFIX_CACHING)",
+        help="keep and share the KV blocks of equal prompt prefixes (--no-prefix-caching: off)",
     )
-    if "PREFIX_CACHING" in os.environ:
-        try:
-            parser.set_defaults(prefix_caching=parse_switch(os.environ["PREFIX_CACHING"]))
-        except ValueError as err:
-            parser.error(f"$PREFIX_CACHING: {err}")
     return parser.parse_args(argv)
 
 
@@ -121,7 +116,7 @@ async def collect(state: RequestState, progress: ProgressBar) -> dict[str, Any]:
         "usage": {
             "prompt_tokens": len(state.request.prompt_ids),
             "completion_tokens": len(tokens),
-            "cached_prompt_tokens": state.cached_prompt_tokens,
+            "cached_prompt_tokens": state.cached_prompt_tokens or 0,
         },
     }
 
