@@ -120,7 +120,7 @@ def test_message_codec_round_trips() -> None:
         ),
         Tokens(
             [
-                TokenRecord(1, 5, 0, FinishReason.NONE, 48),
+                TokenRecord(1, 5, 0, FinishReason.NONE, cached_prompt_tokens=48),
                 TokenRecord(2, -1, 9, FinishReason.CANCELLED),
             ]
         ),

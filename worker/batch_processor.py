@@ -109,8 +109,10 @@ class BatchProcessor:
             return None
         seq.finish_reason = FinishReason.CANCELLED
         self.scheduler.remove(seq)
-        index, cached = seq.tokens_generated, seq.cached_prompt_tokens
-        return TokenRecord(handle, -1, index, FinishReason.CANCELLED, cached)
+        cached = seq.cached_prompt_tokens
+        return TokenRecord(
+            handle, -1, seq.tokens_generated, FinishReason.CANCELLED, cached_prompt_tokens=cached
+        )
 
     def has_work(self) -> bool:
         return bool(self._by_handle)
@@ -139,7 +141,11 @@ class BatchProcessor:
             seq.generated.append(token)
             seq.finish_reason = self.finish_reason(seq, token)
             index, cached = seq.tokens_generated - 1, seq.cached_prompt_tokens
-            records.append(TokenRecord(seq.handle, token, index, seq.finish_reason, cached))
+            records.append(
+                TokenRecord(
+                    seq.handle, token, index, seq.finish_reason, cached_prompt_tokens=cached
+                )
+            )
         self.total_tokens += len(sampled)
         return records
 
