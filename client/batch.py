@@ -56,6 +56,7 @@ def result_record(request_id: str, done: Completion, logprobs: bool = False) -> 
         usage = {
             "prompt_tokens": done.usage.prompt_tokens,
             "completion_tokens": done.usage.completion_tokens,
+            "cached_prompt_tokens": done.usage.cached_prompt_tokens,
         }
     record: Record = {
         "request_id": request_id,

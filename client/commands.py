@@ -35,6 +35,7 @@ def summary_line(done: Completion) -> str:
     parts = [f"finish={done.finish_reason or 'NONE'}", f"tokens={tokens}"]
     if done.usage:
         parts.append(f"prompt_tokens={done.usage.prompt_tokens}")
+        parts.append(f"cached_prompt_tokens={done.usage.cached_prompt_tokens}")
     if done.timing:
         t = done.timing
         parts += [f"ttft_ms={t.ttft_ms:.1f}", f"total_ms={t.total_ms:.1f}"]
@@ -126,13 +127,14 @@ def cmd_cancel(client: ShoalClient, args: argparse.Namespace) -> int:
 
 def stats_table(stats: Stats) -> str:
     header = f"{'worker':>6} {'alive':>5} {'active':>6} {'queue':>5} {'util':>6} "
-    header += f"{'tokens':>12} {'kv blocks':>13}"
+    header += f"{'tokens':>12} {'kv blocks':>13} {'cached':>7} {'prefix hit':>10}"
 
     def row(name: str, w: WorkerStats) -> str:
         kv = f"{w.kv_blocks_used}/{w.kv_blocks_total}"
         return (
             f"{name:>6} {'yes' if w.alive else 'no':>5} {w.active_sequences:>6} "
-            f"{w.queue_length:>5} {w.utilization:>6.1%} {w.total_tokens:>12,} {kv:>13}"
+            f"{w.queue_length:>5} {w.utilization:>6.1%} {w.total_tokens:>12,} {kv:>13} "
+            f"{w.kv_blocks_cached:>7} {w.prefix_cache_hit_rate:>10.1%}"
         )
 
     rows = [row(str(w.worker), w) for w in stats.workers]

@@ -17,6 +17,7 @@ from shoal.v1 import inference_pb2 as pb
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = 0  # of prompt_tokens, found in the worker's prefix cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +87,10 @@ class WorkerStats:
     kv_blocks_used: int
     kv_blocks_total: int
     alive: bool
+    kv_blocks_cached: int = 0  # held by no sequence, kept for prefix cache hits
+    prefix_cache_query_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prefix_cache_hit_rate: float = 0.0  # hit / query tokens since the worker started
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +136,8 @@ def chunk_from_pb(msg: pb.GenerateChunk) -> Chunk:
     usage = timing = None
     # Presence, not zero values, marks the last chunk: a request may finish with 0 tokens.
     if msg.HasField("usage"):
-        usage = Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens)
+        u = msg.usage
+        usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
     if msg.HasField("timing"):
         timing = Timing(msg.timing.queue_ms, msg.timing.ttft_ms, msg.timing.total_ms)
     return Chunk(
@@ -161,6 +167,10 @@ def worker_stats_from_pb(msg: pb.WorkerStats) -> WorkerStats:
         kv_blocks_used=msg.kv_blocks_used,
         kv_blocks_total=msg.kv_blocks_total,
         alive=msg.alive,
+        kv_blocks_cached=msg.kv_blocks_cached,
+        prefix_cache_query_tokens=msg.prefix_cache_query_tokens,
+        prefix_cache_hit_tokens=msg.prefix_cache_hit_tokens,
+        prefix_cache_hit_rate=msg.prefix_cache_hit_rate,
     )
 
 

@@ -41,6 +41,10 @@ _OPTIONS: dict[str, tuple[str, str]] = {
         "BATCH_INVARIANT",
         "a request's logits bitwise independent of the batch (costs a lone request's speed)",
     ),
+    "prefix_caching": (
+        "PREFIX_CACHING",
+        "keep and share the KV blocks of equal prompt prefixes (--no-prefix-caching: off)",
+    ),
     "max_new_tokens_limit": ("MAX_NEW_TOKENS_LIMIT", "largest max_new_tokens accepted"),
     "batch_timeout_ms": ("BATCH_TIMEOUT_MS", "batching window while a worker is idle, ms"),
     "aging_s": ("AGING_S", "a queued request moves up one priority class per this many s"),
@@ -77,6 +81,7 @@ class ServerConfig:
     metrics_port: int = 0  # 0 = no metrics endpoint
     prefill_token_budget: int = 512
     batch_invariant: bool = False
+    prefix_caching: bool = True
     max_new_tokens_limit: int = 4096
     batch_timeout_ms: float = 5.0
     aging_s: float = 10.0
@@ -151,6 +156,7 @@ class ServerConfig:
             prefill_token_budget=self.prefill_token_budget,
             device=self.device,
             batch_invariant=self.batch_invariant,
+            prefix_caching=self.prefix_caching,
         )
 
     @property

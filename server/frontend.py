@@ -206,6 +206,8 @@ class Frontend:
             state = self.registry.by_handle.get(record.handle)
             if state is None or state.finished:
                 continue  # cancelled or stopped here already
+            if state.cached_prompt_tokens is None:
+                state.cached_prompt_tokens = record.cached_prompt_tokens
             if record.token_id >= 0:
                 previous = state.last_token_at
                 stopped = state.add_tokens([record.token_id], [record.logprob])

@@ -134,12 +134,19 @@ class HttpApi:
         return head | {"system_fingerprint": self.fingerprint}
 
     @staticmethod
-    def usage(states: list[RequestState], n: int) -> dict[str, int]:
-        """Each prompt counted once (its `n` choices follow each other), as OpenAI counts."""
+    def usage(states: list[RequestState], n: int) -> dict[str, Any]:
+        """Each prompt counted once (its `n` choices follow each other), as OpenAI counts;
+        `prompt_tokens_details.cached_tokens`: those found in the prefix cache (OpenAI's
+        name), taken from each prompt's first choice."""
         prompt = sum(len(s.request.prompt_ids) for s in states[::n])
+        cached = sum(s.cached_prompt_tokens or 0 for s in states[::n])
         completion = sum(len(s.token_ids) for s in states)
-        total = prompt + completion
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
 
     async def complete(self, body: CompletionRequest | ChatRequest, request: Request) -> Any:
         states = await self.submit(body)

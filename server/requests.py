@@ -39,6 +39,7 @@ class Chunk:
     text: str
     finish_reason: FinishReason = FinishReason.NONE
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
     queue_ms: float = 0.0
     ttft_ms: float = 0.0
     total_ms: float = 0.0
@@ -61,6 +62,9 @@ class RequestState:
     token_ids: list[int] = field(default_factory=list)
     text_deltas: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # parallel to token_ids, if asked
+    # Prompt tokens found in a worker's prefix cache when the request first started
+    # there (None until a worker reports; a resumed request keeps the first report).
+    cached_prompt_tokens: int | None = None
     # Text held back until the end (half a character, a possible stop-string prefix):
     # it belongs to the end, not to a token, so a live listener past the last token
     # gets it in the last chunk exactly as a replay from any index does.
@@ -140,6 +144,7 @@ class RequestState:
         if self.finished:
             chunk.finish_reason = self.finish_reason
             chunk.prompt_tokens = len(self.request.prompt_ids)
+            chunk.cached_prompt_tokens = self.cached_prompt_tokens or 0
             chunk.queue_ms = (self.queue_s or 0.0) * 1000
             chunk.ttft_ms = (self.ttft_s or 0.0) * 1000  # 0: no token came
             chunk.total_ms = (self.total_s or 0.0) * 1000

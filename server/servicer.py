@@ -33,7 +33,7 @@ from server.requests import Chunk, DuplicateRequestId, RequestError, RequestStat
 from server.validation import InvalidRequest, check_request_id, validate_off_loop
 from shoal.v1 import inference_pb2 as pb
 from shoal.v1 import inference_pb2_grpc as pb_grpc
-from worker.channel.messages import Status
+from worker.channel.messages import Status, hit_rate
 from worker.channel.types import FinishReason
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,11 @@ def chunk_to_proto(chunk: Chunk, completion_tokens: int | None = None) -> pb.Gen
         if completion is None:
             completion = chunk.index + len(chunk.token_ids)
         message.usage.CopyFrom(
-            pb.Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=completion)
+            pb.Usage(
+                prompt_tokens=chunk.prompt_tokens,
+                completion_tokens=completion,
+                cached_prompt_tokens=chunk.cached_prompt_tokens,
+            )
         )
         message.timing.CopyFrom(
             pb.Timing(queue_ms=chunk.queue_ms, ttft_ms=chunk.ttft_ms, total_ms=chunk.total_ms)
@@ -163,6 +167,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             queue_length=sum(r.queue_length for r in rows),
             kv_blocks_used=sum(r.kv_blocks_used for r in rows),
             kv_blocks_total=sum(r.kv_blocks_total for r in rows),
+            kv_blocks_cached=sum(r.kv_blocks_cached for r in rows),
+            prefix_cache_query_tokens=sum(r.prefix_cache_query_tokens for r in rows),
+            prefix_cache_hit_tokens=sum(r.prefix_cache_hit_tokens for r in rows),
+        )
+        total.prefix_cache_hit_rate = hit_rate(
+            total.prefix_cache_hit_tokens, total.prefix_cache_query_tokens
         )
         return pb.Stats(workers=rows, total=total, pending_queue_length=len(self.frontend.queue))
 
@@ -274,6 +284,10 @@ def _worker_row(index: int, alive: bool, status: Status | None) -> pb.WorkerStat
         row.queue_length = status.waiting
         row.kv_blocks_used = status.kv_blocks_used
         row.kv_blocks_total = status.kv_blocks_total
+        row.kv_blocks_cached = status.kv_blocks_cached
+        row.prefix_cache_query_tokens = status.prefix_cache_query_tokens
+        row.prefix_cache_hit_tokens = status.prefix_cache_hit_tokens
+        row.prefix_cache_hit_rate = status.prefix_cache_hit_rate
     return row
 
 

@@ -85,3 +85,22 @@ def test_bench_engine_quick_prints_every_table(default_model: Path, tmp_path: Pa
         if abs(measured - goal) > 0.005:
             assert target["result"] == ("PASS" if measured >= goal else "MISS"), target
     assert data["ceilings"]["copy_gbps"] > 0 and data["ceilings"]["matmul_gflops"] > 0
+
+
+def test_bench_prefix_cache_quick_prints_both_tables(default_model: Path) -> None:
+    args = ["--quick", "--device", "cpu", "--model", str(default_model)]
+    result = run_script("bench_prefix_cache.py", *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "### Machine and ceilings" in result.stdout
+    assert (
+        "### Shared system prompt" in result.stdout
+        and "(outputs with and without: identical)" in result.stdout
+    )
+    rows = table_rows(result.stdout)
+    shared = [r for r in rows if r.startswith(("| off |", "| on |"))]
+    assert len(shared) == 2
+    assert shared[0].endswith("| 336 of 336 |")  # 6 x (48 + 8) tokens, all computed
+    assert shared[1].endswith("| 96 of 336 |")  # the 48-token system prompt once (3 blocks)
+    turns = [r for r in rows if r.split("|")[1].strip() in ("1", "2", "3")]
+    assert len(turns) == 3 and all(r.endswith("| yes |") for r in turns)
+    assert [r.split("|")[3].strip() for r in turns] == ["0", "48", "64"]  # cached per turn

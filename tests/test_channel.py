@@ -125,17 +125,20 @@ def test_message_codec_round_trips() -> None:
             "</s>",
         ),
         Tokens(
-            [TokenRecord(1, 5, 0, FinishReason.NONE), TokenRecord(2, -1, 9, FinishReason.CANCELLED)]
+            [
+                TokenRecord(1, 5, 0, FinishReason.NONE, cached_prompt_tokens=48),
+                TokenRecord(2, -1, 9, FinishReason.CANCELLED),
+            ]
         ),
         Tokens(  # logprobs on some records only, with and without alternatives
             [
                 TokenRecord(1, 5, 3, FinishReason.NONE, logprob),
                 TokenRecord(2, 7, 0, FinishReason.NONE),
-                TokenRecord(3, 9, 1, FinishReason.EOS, TokenLogprob(9, -3.0)),
+                TokenRecord(3, 9, 1, FinishReason.EOS, TokenLogprob(9, -3.0), 32),
                 TokenRecord(4, -1, 9, FinishReason.CANCELLED),
             ]
         ),
-        Status(3, 29, 32, 10, 4096, 12345, 2**40, 2, 77, 9999),
+        Status(3, 29, 32, 10, 4096, 12345, 2**40, 2, 77, 9999, 17, 2**33, 2**32 + 5),
         Rejected(5, "prompt_token_ids: token id 9 is outside [0, 8) — ünïcode"),
     ]
     for message in messages:

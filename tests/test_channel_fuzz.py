@@ -186,7 +186,7 @@ def test_huge_counts_in_short_frames(kind: int, count: int) -> None:
 def test_a_count_past_the_end_of_the_frame_is_an_error() -> None:
     frame = encode(Cancel(handle=1))[:1] + struct.pack("<Q", 1)  # Cancel, handle 1: fine
     assert decode(frame) == Cancel(1)
-    # Tokens with a count of 2 but one 22-byte record: must not decode as one record.
+    # Tokens with a count of 2 but one record: must not decode as one record.
     one = TokenRecord(1, 5, 0, FinishReason.NONE)
     whole = encode(Tokens(records=[one]))
     short = whole[:1] + struct.pack("<I", 2) + whole[5:]

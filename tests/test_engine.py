@@ -170,7 +170,8 @@ def test_admission_waits_for_a_slot_and_blocks_in_priority_order(make_processor)
     small = make_processor(kv_cache_mb=8 * 16 * 2048 / 2**20)  # 8 blocks
     small.add_request(0, prompt(64), params)  # 4 blocks
     small.process_step()
-    small.add_request(1, prompt(64), params)  # 4 more would leave no watermark: waits
+    # (Prompts differ: a shared prefix would need fewer blocks, tests/test_prefix_cache.py.)
+    small.add_request(1, prompt(64, seed=1), params)  # 4 more would leave no watermark: waits
     small.add_request(2, prompt(16), params)  # would fit, but may not jump ahead of 1
     small.add_request(3, prompt(16), params, Priority.HIGH)  # a higher class goes first
     small.process_step()

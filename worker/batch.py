@@ -2,6 +2,7 @@
 
     python -m worker.batch --model DIR --input IN.jsonl --output OUT.jsonl
         [--device auto|cpu|cuda] [--max-batch-size B] [--kv-cache-mb M]
+        [--no-prefix-caching]
 
 The same request pipeline as the server (server/frontend.py: one validation,
 the pending queue, one detokenizer and stop-string matcher) over the engine
@@ -67,6 +68,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=False,
         help="each request's logits bitwise independent of the batch (docs/batch-invariance.md)",
     )
+    parser.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep and share the KV blocks of equal prompt prefixes (--no-prefix-caching: off)",
+    )
     return parser.parse_args(argv)
 
 
@@ -120,7 +127,11 @@ async def collect(state: RequestState, progress: ProgressBar) -> dict[str, Any]:
         "token_ids": tokens,
         "text": "".join(text),
         "finish_reason": finish_reason_name(state.finish_reason),
-        "usage": {"prompt_tokens": len(state.request.prompt_ids), "completion_tokens": len(tokens)},
+        "usage": {
+            "prompt_tokens": len(state.request.prompt_ids),
+            "completion_tokens": len(tokens),
+            "cached_prompt_tokens": state.cached_prompt_tokens or 0,
+        },
     }
     if state.request.params.logprobs:
         record["logprobs"] = logprobs_json(logprobs)
@@ -203,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             kv_cache_mb=args.kv_cache_mb,
             prefill_token_budget=args.prefill_token_budget,
             batch_invariant=args.batch_invariant,
+            prefix_caching=args.prefix_caching,
             max_queue_len=max(1, len(lines)),
             retention_count=max(1, len(lines)),
             batch_timeout_ms=0,

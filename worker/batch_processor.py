@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.backend import Backend, select_backend
+from worker.block_manager import BlockManager
 from worker.channel.messages import Status
 from worker.channel.types import (
     MAX_TOP_LOGPROBS,
@@ -45,8 +46,9 @@ class BatchProcessor:
         self.layout = plan_kv_cache(checkpoint.config, config.kv_cache_mb, config.block_size)
         log.info("%s", self.layout.describe())
         self.runner = ModelRunner(checkpoint, self.layout, backend, config.batch_invariant)
+        blocks = BlockManager(self.layout.num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(
-            self.runner.cache.allocator,
+            blocks,
             config.block_size,
             config.max_batch_size,
             config.prefill_token_budget,
@@ -121,7 +123,10 @@ class BatchProcessor:
             return None
         seq.finish_reason = FinishReason.CANCELLED
         self.scheduler.remove(seq)
-        return TokenRecord(handle, -1, seq.tokens_generated, FinishReason.CANCELLED)
+        cached = seq.cached_prompt_tokens
+        return TokenRecord(
+            handle, -1, seq.tokens_generated, FinishReason.CANCELLED, cached_prompt_tokens=cached
+        )
 
     def has_work(self) -> bool:
         return bool(self._by_handle)
@@ -147,13 +152,17 @@ class BatchProcessor:
             seq.num_computed += 1
         for seq, chunk in batch.prefills:
             seq.num_computed += chunk
+        for seq in [*batch.decodes, *(seq for seq, _ in batch.prefills)]:
+            self.scheduler.block_manager.cache_computed(seq)  # full blocks join the prefix cache
         records = []
         logprobs = logprobs or [None] * len(sampled)
         for seq, token, logprob in zip(sampled, next_tokens, logprobs, strict=True):
             seq.generated.append(token)
             seq.finish_reason = self.finish_reason(seq, token)
-            index = seq.tokens_generated - 1
-            records.append(TokenRecord(seq.handle, token, index, seq.finish_reason, logprob))
+            index, cached = seq.tokens_generated - 1, seq.cached_prompt_tokens
+            records.append(
+                TokenRecord(seq.handle, token, index, seq.finish_reason, logprob, cached)
+            )
         self.total_tokens += len(sampled)
         return records
 
@@ -176,18 +185,21 @@ class BatchProcessor:
     # -- introspection --------------------------------------------------------------
     def get_stats(self, adds_received: int = 0, add_tokens_received: int = 0) -> Status:
         """This engine's load, as the Status the worker reports after each step."""
-        scheduler, allocator = self.scheduler, self.scheduler.allocator
+        scheduler, blocks = self.scheduler, self.scheduler.block_manager
         return Status(
             running=len(scheduler.running),
             waiting=len(scheduler.waiting),
             max_batch_size=self.config.max_batch_size,
-            kv_blocks_used=allocator.num_used,
-            kv_blocks_total=allocator.num_blocks,
+            kv_blocks_used=blocks.num_used,
+            kv_blocks_total=blocks.num_blocks,
             kv_free_tokens=scheduler.free_kv_tokens(),
             total_tokens=self.total_tokens,
             preemptions=scheduler.num_preemptions,
             adds_received=adds_received,
             add_tokens_received=add_tokens_received,
+            kv_blocks_cached=blocks.num_cached,
+            prefix_cache_query_tokens=blocks.query_tokens,
+            prefix_cache_hit_tokens=blocks.hit_tokens,
         )
 
 
@@ -207,6 +219,7 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason = FinishReason.NONE
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asked
+    cached_prompt_tokens: int = 0
 
 
 def run_to_completion(
@@ -231,6 +244,7 @@ def run_to_completion(
             done.finish_reason = record.finish_reason
             if record.logprob is not None:
                 done.logprobs.append(record.logprob)
+            done.cached_prompt_tokens = record.cached_prompt_tokens
         if on_records is not None:
             on_records(records)
     return {c.request_id: c for c in by_handle.values()}

@@ -11,7 +11,7 @@ The codec is derived from the dataclass fields, in declaration order:
 byte, `str` a u32 byte length then UTF-8, `bytes` a u32 length then the
 bytes, `list[int]` / `tuple[int, ...]` a
 u32 count then u32 values, a nested dataclass its own fields in turn, and
-`list[TokenRecord]` a u32 count, fixed 22-byte records, then the logprobs of
+`list[TokenRecord]` a u32 count, fixed 26-byte records, then the logprobs of
 the records that carry them. A message is one kind byte (its position in
 MESSAGES) followed by its fields.
 
@@ -93,9 +93,11 @@ class Status:
 
     `waiting` counts requests in the worker's admission queue, new or preempted.
     `kv_free_tokens` is what the KV pool can still take once the waiting
-    requests are in. `adds_received` and `add_tokens_received` count every Add
+    requests are in (cached prefix blocks nobody holds count as free: they are
+    evicted on demand). `adds_received` and `add_tokens_received` count every Add
     the worker has read (and their prompt tokens), so the front can subtract
-    what is still in flight.
+    what is still in flight. The prefix cache counters are in tokens, over every
+    admission since the worker started (recomputations after preemption too).
     """
 
     running: int
@@ -108,6 +110,9 @@ class Status:
     preemptions: int
     adds_received: int
     add_tokens_received: int
+    kv_blocks_cached: int = 0  # held by no sequence, kept for prefix cache hits
+    prefix_cache_query_tokens: int = 0  # tokens looked up at admission
+    prefix_cache_hit_tokens: int = 0  # of those, found cached (not computed again)
 
     @property
     def utilization(self) -> float:
@@ -115,9 +120,18 @@ class Status:
         return self.running / self.max_batch_size if self.max_batch_size else 0.0
 
     @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Prefix cache hit tokens / looked-up tokens, in [0, 1]; 0 before any lookup."""
+        return hit_rate(self.prefix_cache_hit_tokens, self.prefix_cache_query_tokens)
+
+    @property
     def free_slots(self) -> int:
         """Requests the worker could start now without queueing any."""
         return max(0, self.max_batch_size - self.running - self.waiting)
+
+
+def hit_rate(hits: int, queries: int) -> float:
+    return hits / queries if queries else 0.0
 
 
 @dataclass(frozen=True)
@@ -139,7 +153,8 @@ _NESTED = {"SamplingParams": SamplingParams}
 _ENUMS = {"Priority": Priority, "FinishReason": FinishReason}
 _SCALARS = {"int": struct.Struct("<Q"), "float": struct.Struct("<d"), "bool": struct.Struct("<?")}
 _BYTE, _COUNT = struct.Struct("<B"), struct.Struct("<I")
-_RECORD = struct.Struct("<QqIBB")  # handle, token_id, index, finish_reason, logprob entries
+# handle, token_id, index, finish_reason, cached prompt tokens, logprob entries
+_RECORD = struct.Struct("<QqIBIB")
 _LOGPROB, _TOP = struct.Struct("<f"), struct.Struct("<If")  # a record's logprob; (id, logprob)
 _ID_LISTS = ("list[int]", "tuple[int, ...]")
 
@@ -185,7 +200,8 @@ def _write_records(records: list[TokenRecord], out: list[bytes]) -> None:
     out.append(_COUNT.pack(len(records)))
     for r in records:
         entries = 0 if r.logprob is None else 1 + len(r.logprob.top)
-        out.append(_RECORD.pack(r.handle, r.token_id, r.index, r.finish_reason, entries))
+        fields = (r.handle, r.token_id, r.index, r.finish_reason, r.cached_prompt_tokens)
+        out.append(_RECORD.pack(*fields, entries))
     for r in records:
         if r.logprob is not None:
             out.append(_LOGPROB.pack(r.logprob.logprob))
@@ -197,14 +213,14 @@ def _read_records(data: memoryview, offset: int, name: str) -> tuple[list[TokenR
     end = _span(data, offset + 4, _RECORD.size * count, name)
     heads = list(_RECORD.iter_unpack(data[offset + 4 : end]))
     records = []
-    for handle, token, index, finish, entries in heads:
+    for handle, token, index, finish, cached, entries in heads:
         logprob = None
         if entries:
             tail = _span(data, end, _LOGPROB.size + _TOP.size * (entries - 1), name)
             (value,) = _LOGPROB.unpack_from(data, end)
             top = tuple(_TOP.iter_unpack(data[end + _LOGPROB.size : tail]))
             logprob, end = TokenLogprob(token, value, top), tail
-        records.append(TokenRecord(handle, token, index, FinishReason(finish), logprob))
+        records.append(TokenRecord(handle, token, index, FinishReason(finish), logprob, cached))
     return records, end
 
 

@@ -82,6 +82,7 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     # A row's logits bitwise independent of the rest of the batch (docs/batch-invariance.md)
     batch_invariant: bool = False
+    prefix_caching: bool = True  # share and keep full KV blocks of equal prefixes
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "kv_cache_mb", "block_size", "prefill_token_budget"):
@@ -116,6 +117,8 @@ class TokenRecord:
     the token's position in the completion. `token_id` is -1 on a record that
     carries only a finish (a cancellation). `finish_reason` is set on the last.
     `logprob` is set only for a request that asked for logprobs.
+    `cached_prompt_tokens`: prompt tokens whose K/V the request's first admission
+    on this worker found in the prefix cache (the same on each of its records).
     """
 
     handle: int
@@ -123,6 +126,7 @@ class TokenRecord:
     index: int
     finish_reason: FinishReason = FinishReason.NONE
     logprob: TokenLogprob | None = None
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
