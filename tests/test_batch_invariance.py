@@ -19,7 +19,7 @@ from gguf_model import smollm2_gguf_fixture  # noqa: F401  (the `smollm2_gguf` f
 
 from worker.attention import paged_attention
 from worker.backend import select_backend
-from worker.batch_processor import BatchProcessor
+from worker.batch_processor import BatchProcessor, Request, run_to_completion
 from worker.channel.types import EngineConfig, SamplingParams
 from worker.checkpoint import Checkpoint, load_checkpoint
 
@@ -250,3 +250,22 @@ def test_attention_row_same_as_decode_or_in_any_chunk(heads: int, kv_heads: int)
 def test_flag_reaches_the_engine(make_processor: Callable[..., BatchProcessor]) -> None:
     assert make_processor(batch_invariant=True).runner.model.batch_invariant
     assert not make_processor().runner.model.batch_invariant
+
+
+def test_prefix_cache_hit_changes_no_bit(default_model: Path) -> None:
+    """A prompt whose first blocks come from the prefix cache (computed for another request,
+    in another batch) gives the logits of a run that computes everything itself."""
+    rng = np.random.default_rng(8)
+    shared = prompt(rng, 512, 48)  # three 16-token blocks
+    target = shared + prompt(rng, 512, 9)
+    params = target_params(True)
+    reference, tokens = run_target(make(default_model, prefix_caching=False), target, params)
+    engine = make(default_model)
+    others = [shared + prompt(rng, 512, int(n)) for n in (3, 20)]
+    run_to_completion(
+        engine, [Request(f"o{i}", ids, target_params(False)) for i, ids in enumerate(others)]
+    )
+    logits, cached_tokens = run_target(engine, target, params)
+    assert engine.scheduler.block_manager.hit_tokens >= 48  # the target's 3 blocks at least
+    assert cached_tokens == tokens
+    assert_same(reference, logits)
