@@ -15,7 +15,17 @@ from client.channel import channel_credentials, channel_target
 from client.errors import ShoalError
 from client.request import build_request, parse_priority
 from client.sync import DEFAULT_TARGET, ShoalClient
-from client.types import Chunk, Completion, ModelInfo, Stats, Timing, Usage, WorkerStats
+from client.types import (
+    Chunk,
+    Completion,
+    ModelInfo,
+    Stats,
+    Timing,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    WorkerStats,
+)
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -27,6 +37,8 @@ __all__ = [
     "ShoalError",
     "Stats",
     "Timing",
+    "TokenLogprob",
+    "TopLogprob",
     "Usage",
     "WorkerStats",
     "build_request",

@@ -4,7 +4,8 @@ The formats are those of `python -m worker.batch`. Each input line is the proto 
 GenerateRequest, read by protobuf's json_format with the same rules (client/proto_json.py):
 snake_case or camelCase names, "PRIORITY_HIGH" (or the short "HIGH", "low"), 64-bit integers
 as strings. Output lines, in input order, carry request_id, token_ids, text, finish_reason
-(the proto name, "FINISH_REASON_STOP") and usage, or for a failed line
+(the proto name, "FINISH_REASON_STOP"), usage and, when the line asked, logprobs, or for a
+failed line
 {"request_id", "error": "line N: <status code>: <details>"}. A line's request_id is its own
 or "line-N"; lines without one are sent without one, so the server picks a unique id and
 two batch runs against one server never collide.
@@ -48,20 +49,25 @@ def error_record(request_id: str, line_no: int, code: str, details: str) -> Reco
     return {"request_id": request_id, "error": f"line {line_no}: {code}: {details}"}
 
 
-def result_record(request_id: str, done: Completion) -> Record:
+def result_record(request_id: str, done: Completion, logprobs: bool = False) -> Record:
+    """`logprobs`: the request asked for them; they are written as worker.batch writes them."""
     usage = None
     if done.usage is not None:
         usage = {
             "prompt_tokens": done.usage.prompt_tokens,
             "completion_tokens": done.usage.completion_tokens,
+            "cached_prompt_tokens": done.usage.cached_prompt_tokens,
         }
-    return {
+    record: Record = {
         "request_id": request_id,
         "token_ids": list(done.token_ids),
         "text": done.text,
         "finish_reason": finish_reason_name(done.finish_reason),
         "usage": usage,
     }
+    if logprobs:
+        record["logprobs"] = [lp.as_dict() for lp in done.logprobs]
+    return record
 
 
 def finish_reason_name(short: str | None) -> str | None:
@@ -85,6 +91,11 @@ def request_params(request: pb.GenerateRequest) -> dict[str, Any]:
         "stop_token_ids": list(request.stop_token_ids),
         "ignore_eos": request.ignore_eos,
         "priority": request.priority,
+        "repetition_penalty": request.repetition_penalty,
+        "frequency_penalty": request.frequency_penalty,
+        "presence_penalty": request.presence_penalty,
+        "logprobs": request.logprobs,
+        "top_logprobs": request.top_logprobs,
     }
     for name in ("prompt", "seed"):  # optional: sent only when set
         if request.HasField(name):
@@ -140,7 +151,7 @@ async def run_job(client: GenerateClient, job: BatchJob, progress: Progress | No
         return error_record(job.request_id, job.line_no, err.code.name, err.details)
     if progress:
         progress.update(done=1)
-    return result_record(job.request_id, builder.build())
+    return result_record(job.request_id, builder.build(), bool(job.params.get("logprobs")))
 
 
 async def run_batch(

@@ -124,6 +124,18 @@ def _sampling_options() -> argparse.ArgumentParser:
     p.add_argument("--stop-token-ids", type=int_list, default=[], metavar="1,2")
     p.add_argument("--priority", type=str.upper, choices=PRIORITY_NAMES)
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument(
+        "--repetition-penalty", type=float, default=0.0, help="Hugging Face's; 0 or 1 = off"
+    )
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
+    p.add_argument(
+        "--logprobs",
+        type=unsigned(32),
+        metavar="N",
+        help="print each token's log-probability and its N most likely alternatives "
+        "(0..20) to stderr",
+    )
     p.add_argument("--system", help="a system message (with --chat, or in chat)")
     return p
 
@@ -305,12 +317,18 @@ SAMPLING_NAMES = (
     "stop_token_ids",
     "ignore_eos",
     "priority",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
 )
 
 
 def sampling_params(args: argparse.Namespace) -> dict[str, Any]:
     """The build_request keyword arguments every request command shares."""
-    return {name: getattr(args, name) for name in SAMPLING_NAMES}
+    params = {name: getattr(args, name) for name in SAMPLING_NAMES}
+    if args.logprobs is not None:  # --logprobs N: the token's own and N alternatives
+        params |= {"logprobs": True, "top_logprobs": args.logprobs}
+    return params
 
 
 def system_turn(args: argparse.Namespace) -> list[dict[str, str]]:

@@ -35,12 +35,25 @@ def summary_line(done: Completion) -> str:
     parts = [f"finish={done.finish_reason or 'NONE'}", f"tokens={tokens}"]
     if done.usage:
         parts.append(f"prompt_tokens={done.usage.prompt_tokens}")
+        parts.append(f"cached_prompt_tokens={done.usage.cached_prompt_tokens}")
     if done.timing:
         t = done.timing
         parts += [f"ttft_ms={t.ttft_ms:.1f}", f"total_ms={t.total_ms:.1f}"]
         parts.append(f"queue_ms={t.queue_ms:.1f}")
     parts.append(f"request_id={done.request_id}")
     return " ".join(parts)
+
+
+def logprob_lines(done: Completion, first: int = 0) -> list[str]:
+    """One line per token (`first`: the index of the first): its index, id and
+    log-probability, then the alternatives as id:logprob."""
+    lines = []
+    for i, lp in enumerate(done.logprobs, start=first):
+        line = f"logprob {i} token={lp.token_id} {lp.logprob:.4f}"
+        if lp.top:
+            line += " top " + " ".join(f"{t.token_id}:{t.logprob:.4f}" for t in lp.top)
+        lines.append(line)
+    return lines
 
 
 def print_chunks(chunks: Iterable[Chunk], out: TextIO) -> Completion:
@@ -61,6 +74,8 @@ def cmd_generate(client: ShoalClient, args: argparse.Namespace) -> int:
     else:
         done = client.generate_text(**params)
         print(done.text)
+    for line in logprob_lines(done):
+        print(line, file=sys.stderr)
     print(summary_line(done), file=sys.stderr)
     return 0
 
@@ -96,6 +111,8 @@ def cmd_submit(client: ShoalClient, args: argparse.Namespace) -> int:
 
 def cmd_stream(client: ShoalClient, args: argparse.Namespace) -> int:
     done = print_chunks(client.stream(args.request_id, args.from_index), sys.stdout)
+    for line in logprob_lines(done, args.from_index):
+        print(line, file=sys.stderr)
     print(summary_line(done), file=sys.stderr)
     return 0
 
@@ -110,7 +127,8 @@ def cmd_cancel(client: ShoalClient, args: argparse.Namespace) -> int:
 
 def stats_table(stats: Stats) -> str:
     header = f"{'worker':>6} {'alive':>5} {'active':>6} {'queue':>5} {'util':>6} "
-    header += f"{'tokens':>12} {'kv blocks':>13} {'drafts accepted':>15}"
+    header += f"{'tokens':>12} {'kv blocks':>13} {'drafts accepted':>15} "
+    header += f"{'cached':>7} {'prefix hit':>10}"
 
     def row(name: str, w: WorkerStats) -> str:
         kv = f"{w.kv_blocks_used}/{w.kv_blocks_total}"
@@ -118,7 +136,7 @@ def stats_table(stats: Stats) -> str:
         return (
             f"{name:>6} {'yes' if w.alive else 'no':>5} {w.active_sequences:>6} "
             f"{w.queue_length:>5} {w.utilization:>6.1%} {w.total_tokens:>12,} {kv:>13} "
-            f"{drafts:>15}"
+            f"{drafts:>15} {w.kv_blocks_cached:>7} {w.prefix_cache_hit_rate:>10.1%}"
         )
 
     rows = [row(str(w.worker), w) for w in stats.workers]

@@ -36,6 +36,11 @@ class RequestParams(TypedDict, total=False):
     ignore_eos: bool
     priority: PriorityLike
     request_id: str
+    repetition_penalty: float
+    frequency_penalty: float
+    presence_penalty: float
+    logprobs: bool
+    top_logprobs: int
 
 
 def parse_priority(value: PriorityLike) -> int:
@@ -70,6 +75,11 @@ def build_request(
     ignore_eos: bool = False,
     priority: PriorityLike = None,
     request_id: str = "",
+    repetition_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
 ) -> pb.GenerateRequest:
     """Keyword arguments -> pb.GenerateRequest. TypeError/ValueError for unencodable values."""
     if isinstance(stop, str):  # a bare string would become one stop per character
@@ -87,6 +97,11 @@ def build_request(
         stop_token_ids=list(stop_token_ids),
         ignore_eos=ignore_eos,
         priority=parse_priority(priority),
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
     )
     # Optional fields: set only when given, so the server can tell "unset" from 0 / "".
     if prompt is not None:

@@ -17,6 +17,7 @@ from shoal.v1 import inference_pb2 as pb
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = 0  # of prompt_tokens, found in the worker's prefix cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,26 @@ class Timing:
     queue_ms: float
     ttft_ms: float
     total_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log-probability (natural log) and the most likely alternatives,
+    most likely first (as many as the request's top_logprobs); see inference.proto."""
+
+    token_id: int
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """{"token_id", "logprob", "top": [{"token_id", "logprob"}]}: the JSONL form."""
+        return dataclasses.asdict(self) | {"top": [dataclasses.asdict(t) for t in self.top]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +61,7 @@ class Chunk:
     finish_reason: str | None = None
     usage: Usage | None = None
     timing: Timing | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +74,7 @@ class Completion:
     finish_reason: str | None
     usage: Usage | None
     timing: Timing | None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +90,10 @@ class WorkerStats:
     draft_tokens: int = 0  # speculative decoding: draft tokens verified, accepted, their ratio
     accepted_draft_tokens: int = 0
     draft_acceptance_rate: float = 0.0
+    kv_blocks_cached: int = 0  # held by no sequence, kept for prefix cache hits
+    prefix_cache_query_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prefix_cache_hit_rate: float = 0.0  # hit / query tokens since the worker started
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +139,8 @@ def chunk_from_pb(msg: pb.GenerateChunk) -> Chunk:
     usage = timing = None
     # Presence, not zero values, marks the last chunk: a request may finish with 0 tokens.
     if msg.HasField("usage"):
-        usage = Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens)
+        u = msg.usage
+        usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
     if msg.HasField("timing"):
         timing = Timing(msg.timing.queue_ms, msg.timing.ttft_ms, msg.timing.total_ms)
     return Chunk(
@@ -123,6 +151,12 @@ def chunk_from_pb(msg: pb.GenerateChunk) -> Chunk:
         finish_reason=finish_reason_name(msg.finish_reason),
         usage=usage,
         timing=timing,
+        logprobs=tuple(
+            TokenLogprob(
+                lp.token_id, lp.logprob, tuple(TopLogprob(t.token_id, t.logprob) for t in lp.top)
+            )
+            for lp in msg.logprobs
+        ),
     )
 
 
@@ -139,6 +173,10 @@ def worker_stats_from_pb(msg: pb.WorkerStats) -> WorkerStats:
         draft_tokens=msg.draft_tokens,
         accepted_draft_tokens=msg.accepted_draft_tokens,
         draft_acceptance_rate=msg.draft_acceptance_rate,
+        kv_blocks_cached=msg.kv_blocks_cached,
+        prefix_cache_query_tokens=msg.prefix_cache_query_tokens,
+        prefix_cache_hit_tokens=msg.prefix_cache_hit_tokens,
+        prefix_cache_hit_rate=msg.prefix_cache_hit_rate,
     )
 
 
@@ -171,6 +209,7 @@ class CompletionBuilder:
         self.request_id = ""
         self._text: list[str] = []
         self._tokens: list[int] = []
+        self._logprobs: list[TokenLogprob] = []
         self._last: Chunk | None = None
         self.usage: Usage | None = None
         self.timing: Timing | None = None
@@ -179,6 +218,7 @@ class CompletionBuilder:
         self.request_id = self.request_id or chunk.request_id
         self._text.append(chunk.text)
         self._tokens.extend(chunk.token_ids)
+        self._logprobs.extend(chunk.logprobs)
         self._last = chunk
         self.usage = chunk.usage or self.usage
         self.timing = chunk.timing or self.timing
@@ -191,4 +231,5 @@ class CompletionBuilder:
             finish_reason=self._last.finish_reason if self._last else None,
             usage=self.usage,
             timing=self.timing,
+            logprobs=tuple(self._logprobs),
         )

@@ -181,8 +181,11 @@ def print_records(title: str, records: Sequence[Mapping[str, Any]], columns: str
 class Engine:
     """One loaded checkpoint, its cost model, and processors that share its weights."""
 
-    def __init__(self, checkpoint: Checkpoint, backend: Backend) -> None:
+    def __init__(
+        self, checkpoint: Checkpoint, backend: Backend, batch_invariant: bool = False
+    ) -> None:
         self.checkpoint, self.backend = checkpoint, backend
+        self.batch_invariant = batch_invariant
         w, cfg = checkpoint.weights, checkpoint.config
         self.cfg = cfg
         groups = ("qkv", "o", "gate_up", "down")
@@ -206,7 +209,14 @@ class Engine:
         bs = 16
         blocks = max_batch * (blocks_for(seq_tokens, bs) + 1)
         mb = blocks * bs * kv_bytes_per_token(self.cfg) * 1.05 / 2**20 + 1  # + admission watermark
-        config = EngineConfig(max_batch, None, mb, bs, budget, self.backend.device)
+        config = EngineConfig(
+            max_batch_size=max_batch,
+            kv_cache_mb=mb,
+            block_size=bs,
+            prefill_token_budget=budget,
+            device=self.backend.device,
+            batch_invariant=self.batch_invariant,
+        )
         return BatchProcessor(self.checkpoint, config, self.backend)
 
     def flops(self, tokens: int, logits_rows: int, attn_pairs: int) -> float:

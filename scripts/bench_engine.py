@@ -1,7 +1,7 @@
 """Engine benchmark: machine ceilings, decode scaling, prefill, continuous vs static batching.
 
     .venv/bin/python scripts/bench_engine.py [--device auto|cpu|cuda] [--model DIR] [--quick]
-        [--batch-sizes 1,2,4,8,16,32,64] [--json out.json] [--profile]
+        [--batch-sizes 1,2,4,8,16,32,64] [--json out.json] [--profile] [--batch-invariant]
 
 Every timed step is one `BatchProcessor.process_step()`, i.e. what the server
 runs: scheduling, host-side batch layout, the forward pass and sampling (the
@@ -280,6 +280,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--skip-batching", action="store_true", help="skip continuous vs static")
     ap.add_argument("--profile", action="store_true", help="also profile batch-1/32 decode")
     ap.add_argument("--json", type=Path, default=None, help="write all results here")
+    ap.add_argument("--batch-invariant", action="store_true", help="the batch-invariant engine")
     return ap.parse_args(argv)
 
 
@@ -297,8 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(args)
     backend = select_backend(args.device)
     model_dir = args.model or default_model()
-    eng = Engine(load_checkpoint(model_dir, backend), backend)
-    print(f"# Engine benchmark: {model_dir} ({eng.params / 1e6:.1f}M params), {backend.describe()}")
+    eng = Engine(load_checkpoint(model_dir, backend), backend, args.batch_invariant)
+    mode = ", batch-invariant" if args.batch_invariant else ""
+    print(
+        f"# Engine benchmark: {model_dir} ({eng.params / 1e6:.1f}M params), "
+        f"{backend.describe()}{mode}"
+    )
 
     ceil = measure_ceilings(backend.xp, args.quick)
     facts = [

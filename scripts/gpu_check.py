@@ -31,8 +31,9 @@ from worker.attention import paged_attention
 from worker.batch_processor import BatchProcessor, Request, run_to_completion
 from worker.channel.types import EngineConfig, SamplingParams
 from worker.model import rms_norm, silu
+from worker.penalties import penalize
 from worker.random_checkpoint import write_checkpoint
-from worker.sampling import filtered_probs, sample_from
+from worker.sampling import filtered_probs, sample, sample_from, token_logprobs
 
 TOL = 1e-4  # max |diff| / max |reference|, float32
 
@@ -184,6 +185,50 @@ def sampling_checks(xp: ModuleType, rng: np.random.Generator) -> list[Check]:
     ]
 
 
+def logprob_checks(xp: ModuleType, rng: np.random.Generator) -> list[Check]:
+    """Penalties (a bincount of each row's tokens) and log-probabilities with up to 20
+    alternatives, for a mix of rows that ask and rows that do not. Greedy rows only, so the
+    picks cannot differ by rounding; the alternatives are compared by value, in rank order
+    (tied ids may list in another order, their values cannot)."""
+    rows, vocab = 6, 49152
+    logits = rng.standard_normal((rows, vocab), dtype=np.float32) * 4
+    prompts = [rng.integers(0, vocab, n).tolist() for n in (5, 300, 0, 40, 9, 2000)]
+    outputs = [rng.integers(0, 500, n).tolist() for n in (30, 0, 7, 100, 1, 64)]
+    params = [
+        SamplingParams(repetition_penalty=1.3, logprobs=True, top_logprobs=20),
+        SamplingParams(frequency_penalty=0.5, presence_penalty=-0.5),
+        SamplingParams(logprobs=True),
+        SamplingParams(
+            repetition_penalty=0.8, frequency_penalty=2.0, logprobs=True, top_logprobs=5
+        ),
+        SamplingParams(),
+        SamplingParams(repetition_penalty=2.0, presence_penalty=2.0, logprobs=True, top_logprobs=1),
+    ]
+
+    def run(m: ModuleType, lg: Any) -> tuple[Any, list[Any]]:
+        penalised = penalize(m, lg, params, prompts, outputs)
+        tokens = sample(m, penalised, params, list(range(rows)))
+        return penalised, token_logprobs(m, penalised, params, tokens)
+
+    (ref_logits, ref_lp), (got_logits, got_lp) = both(xp, run, logits)
+    shapes = f"logits ({rows}, {vocab}), histories up to 2064 tokens"
+    asked = [r for r, p in enumerate(params) if p.logprobs]
+    mismatches = sum(
+        (got_lp[r] is None) != (ref_lp[r] is None)
+        or (ref_lp[r] is not None and got_lp[r].token_id != ref_lp[r].token_id)
+        for r in range(rows)
+    )
+    flat_ref = [v for r in asked for v in (ref_lp[r].logprob, *(x for _, x in ref_lp[r].top))]
+    flat_got = [v for r in asked for v in (got_lp[r].logprob, *(x for _, x in got_lp[r].top))]
+    return [
+        compare("penalize (logits)", shapes, ref_logits, got_logits),
+        compare("token_logprobs (values)", shapes, np.array(flat_ref), np.array(flat_got)),
+        Check(
+            "token_logprobs (rows or tokens that differ)", shapes, mismatches, 0.0, not mismatches
+        ),
+    ]
+
+
 # -- whole engine ------------------------------------------------------------------------
 def capture_logits(proc: BatchProcessor) -> list[np.ndarray]:
     """Record each step's (S, vocab) logits on the host (wraps this model's forward)."""
@@ -227,6 +272,27 @@ def model_checks(ref_proc: BatchProcessor, got_proc: BatchProcessor) -> list[Che
     )
     shapes = f"{len(requests)} prompts x 12 tokens (3 greedy, 1 sampled)"
     return [check, Check("model tokens (mismatches)", shapes, mismatches, 0.0, mismatches == 0)]
+
+
+def batch_invariance_report(model_dir: Path, device: str) -> str:
+    """Does batch_invariant hold on this device? A request's logits alone vs beside 8 others."""
+    from batch_invariance_probe import target_logits  # scripts/ is on sys.path
+
+    def engine() -> BatchProcessor:
+        config = EngineConfig(16, None, 16, 16, 48, device, batch_invariant=True)
+        return BatchProcessor.from_model_dir(model_dir, config)
+
+    try:
+        alone_proc, batch_proc = engine(), engine()
+    except RuntimeError as err:  # the start-up check of the BLAS's kernels
+        return f"not available ({err})"
+    rng = np.random.default_rng(3)
+    target = rng.integers(1, 500, 24).tolist()
+    others = [rng.integers(1, 500, int(n)).tolist() for n in rng.integers(2, 60, 8)]
+    alone = target_logits(alone_proc, target, [])
+    batched = target_logits(batch_proc, target, others)
+    differ = sum(not np.array_equal(alone[i], batched[i]) for i in alone)
+    return f"{differ} of {len(alone)} tokens' logits differ alone vs beside 8 requests"
 
 
 def print_checks(title: str, checks: list[Check]) -> None:
@@ -278,10 +344,13 @@ def main(argv: list[str] | None = None) -> int:
         ref_proc, got_proc = processor("cpu"), processor(device)
         checks.append(rope_check(xp, rng, ref_proc, got_proc))
         checks += sampling_checks(xp, rng)
+        checks += logprob_checks(xp, rng)
         checks += model_checks(ref_proc, got_proc)
+        invariance = batch_invariance_report(model_dir, device)
     print_checks(f"Kernels and model: numpy vs {xp.__name__} (rel = max|diff| / max|ref|)", checks)
     failed = [c.name for c in checks if not c.ok]
     print(f"\n{len(checks) - len(failed)}/{len(checks)} checks PASS", flush=True)
+    print(f"\nBatch invariance on {device} (reported, not a check): {invariance}", flush=True)
 
     status = 1 if failed else 0
     if not args.skip_bench:

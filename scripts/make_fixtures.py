@@ -26,6 +26,16 @@ rendering of the chat template, its ids, the greedy continuation up to EOS or
 position's full logits row of plain prompt i. Run only this part with
 `--smollm2 [GGUF]`; a plain run does it after the toy fixtures when the
 verified GGUF is in the cache.
+
+smollm2_sampling/ holds transformers' log-probabilities and logits processors
+for the same model (`build_smollm2_sampling`; only this part with
+`--smollm2-sampling [GGUF]`, also after smollm2/ in a plain run):
+expected.json: per-step log_softmax top-20 (ids, logprobs) and the chosen
+token's logprob along greedy paths (raw; at temperature 0.7; with
+RepetitionPenaltyLogitsProcessor, alone and before TemperatureLogitsWarper);
+processors.npz: fixed random logits and input ids, and what
+RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper + MinPLogitsWarper and
+log_softmax make of them.
 """
 
 from __future__ import annotations
@@ -47,10 +57,13 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
+    MinPLogitsWarper,
     MistralConfig,
     PretrainedConfig,
     PreTrainedModel,
     Qwen2Config,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -598,6 +611,175 @@ def build_smollm2(gguf_path: Path, out_dir: Path) -> None:
     print(f"smollm2: wrote {out_dir}: {sizes}")
 
 
+# -- smollm2_sampling/: log-probabilities and logits processors --------------------------------
+SAMPLING_PROMPTS = (
+    "The capital of France is",
+    "The cat sat on the mat. The cat sat on the mat. The cat sat on the",  # repeats when greedy
+)
+SAMPLING_STEPS = 12
+SAMPLING_TEMPERATURE = 0.7
+SAMPLING_REPETITION = 1.3
+PROC_SHAPE = (4, 96)  # processors.npz: rows, vocab of the fixed random logits
+PROC_HISTORY = 12  # input ids per row
+PROC_REPETITION = (1.3, 0.7)
+PROC_TEMPERATURE = 0.8
+PROC_MIN_P = (0.05, 0.3)
+
+
+def _logprob_steps(
+    rows: torch.Tensor, chosen: list[int], margins: np.ndarray | None = None
+) -> list[dict[str, Any]]:
+    """Per step: the top-20 of log_softmax(row) (ids, logprobs) and the chosen token's."""
+    logprobs = torch.log_softmax(rows.double(), dim=-1).numpy()  # float64: the reference
+    steps = []
+    for row, token in zip(logprobs, chosen, strict=True):
+        idx = np.argsort(-row, kind="stable")[:SMOL_TOP]
+        steps.append(
+            {
+                "token": token,
+                "logprob": float(row[token]),
+                "top_ids": idx.tolist(),
+                "top_logprobs": [float(v) for v in row[idx]],
+            }
+        )
+    return steps
+
+
+def _greedy_path(
+    model: PreTrainedModel, ids: list[int], repetition: float | None
+) -> tuple[list[int], torch.Tensor]:
+    """transformers' greedy generate (EOS off, all-ones mask), with its repetition
+    penalty when given: the tokens and each step's raw logits (vocab,)."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=SAMPLING_STEPS,
+            do_sample=False,
+            eos_token_id=None,
+            repetition_penalty=repetition,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    tokens = out.sequences[0, len(ids) :].tolist()
+    return tokens, torch.stack([step[0] for step in out.logits]).float()
+
+
+def _processed(ids: list[int], tokens: list[int], raw: torch.Tensor, *procs: Any) -> torch.Tensor:
+    """Each step's raw logits through transformers' processors, with the history it saw."""
+    rows = []
+    for j, row in enumerate(raw):
+        history = torch.tensor([ids + tokens[:j]])
+        scores = row[None].clone()
+        for proc in procs:
+            scores = proc(history, scores)
+        rows.append(scores[0])
+    return torch.stack(rows)
+
+
+def _top2_margins(rows: torch.Tensor) -> list[float]:
+    top = torch.topk(rows, 2, dim=-1).values
+    return [float(m) for m in top[:, 0] - top[:, 1]]
+
+
+def build_smollm2_sampling(gguf_path: Path, out_dir: Path) -> None:
+    import gguf  # noqa: F401
+
+    gguf_path = gguf_path.resolve()
+    digest = hashlib.sha256(gguf_path.read_bytes()).hexdigest()
+    directory, name = str(gguf_path.parent), gguf_path.name
+    tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=name, dtype=torch.float32, attn_implementation=ATTN_IMPL
+    ).eval()
+    temperature = TemperatureLogitsWarper(SAMPLING_TEMPERATURE)
+    repetition = RepetitionPenaltyLogitsProcessor(SAMPLING_REPETITION)
+
+    paths = []
+    for text in SAMPLING_PROMPTS:
+        ids = tok(text)["input_ids"]
+        plain, raw = _greedy_path(model, ids, None)
+        penalised, raw_p = _greedy_path(model, ids, SAMPLING_REPETITION)
+        rep_rows = _processed(ids, penalised, raw_p, repetition)
+        rep_temp_rows = _processed(ids, penalised, raw_p, repetition, temperature)
+        assert (rep_rows.argmax(-1) == torch.tensor(penalised)).all()
+        paths.append(
+            {
+                "text": text,
+                "ids": ids,
+                "greedy_ids": plain,
+                "greedy_text": tok.decode(plain),
+                "greedy_top2_margins": _top2_margins(raw),
+                "raw": _logprob_steps(raw, plain),
+                "temperature": _logprob_steps(raw / SAMPLING_TEMPERATURE, plain),
+                "penalised_ids": penalised,
+                "penalised_text": tok.decode(penalised),
+                "penalised_top2_margins": _top2_margins(rep_rows),
+                "repetition": _logprob_steps(rep_rows, penalised),
+                "repetition_temperature": _logprob_steps(rep_temp_rows, penalised),
+            }
+        )
+        print(f"smollm2_sampling: {text!r}: {tok.decode(plain)!r} / {tok.decode(penalised)!r}")
+
+    gen = torch.Generator().manual_seed(12)
+    logits = (torch.randn(PROC_SHAPE, generator=gen) * 3).float()
+    logits[0, :4] = torch.tensor([2.0, -2.0, 0.0, 5.0])  # a zero logit and both signs, seen
+    history = torch.randint(0, PROC_SHAPE[1] // 2, (PROC_SHAPE[0], PROC_HISTORY), generator=gen)
+    history[0, :4] = torch.tensor([0, 1, 2, 3])
+    arrays: dict[str, np.ndarray] = {"logits": logits.numpy(), "input_ids": history.numpy()}
+    for p in PROC_REPETITION:
+        out = RepetitionPenaltyLogitsProcessor(p)(history, logits.clone())
+        arrays[f"repetition_{p}"] = out.numpy()
+    warped = TemperatureLogitsWarper(PROC_TEMPERATURE)(history, logits.clone())
+    arrays["log_softmax_temperature"] = torch.log_softmax(warped.double(), -1).float().numpy()
+    for m in PROC_MIN_P:
+        out = MinPLogitsWarper(m)(history, warped.clone())
+        arrays[f"min_p_{m}"] = out.numpy()  # -inf where filtered
+
+    expected = {
+        "about": (
+            "transformers' log-probabilities and logits processors for SmolLM2-135M-Instruct "
+            "(the Q4_1 GGUF as transformers dequantizes it), written by "
+            "scripts/make_fixtures.py --smollm2-sampling"
+        ),
+        "model": {"gguf_file": gguf_path.name, "gguf_sha256": digest},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "gguf": importlib.metadata.version("gguf"),
+        },
+        "note": (
+            f"ids: tokenizer(text). Each path is {SAMPLING_STEPS} tokens of generate("
+            "do_sample=False, eos_token_id=None, all-ones mask), with "
+            f"repetition_penalty={SAMPLING_REPETITION} for penalised_ids. Per step "
+            "(token = the token that step chose): logprob = log_softmax(row)[token] and "
+            f"the top-{SMOL_TOP} (ids, logprobs), in float64, where row is: raw = the "
+            f"model's logits; temperature = raw / {SAMPLING_TEMPERATURE} "
+            "(TemperatureLogitsWarper); repetition = RepetitionPenaltyLogitsProcessor"
+            f"({SAMPLING_REPETITION}) on raw with prompt + tokens so far; "
+            "repetition_temperature = that, then TemperatureLogitsWarper"
+            f"({SAMPLING_TEMPERATURE}). processors.npz: logits {PROC_SHAPE} float32 and "
+            f"input_ids; repetition_P = RepetitionPenaltyLogitsProcessor(P)(input_ids, "
+            f"logits); log_softmax_temperature = log_softmax(logits / {PROC_TEMPERATURE}); "
+            f"min_p_M = MinPLogitsWarper(M)(input_ids, logits / {PROC_TEMPERATURE}), -inf "
+            "where a token is dropped."
+        ),
+        "temperature": SAMPLING_TEMPERATURE,
+        "repetition_penalty": SAMPLING_REPETITION,
+        "processors": {
+            "repetition_penalties": list(PROC_REPETITION),
+            "temperature": PROC_TEMPERATURE,
+            "min_p": list(PROC_MIN_P),
+        },
+        "paths": paths,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "expected.json").write_text(_json(expected) + "\n", encoding="utf-8")
+    np.savez_compressed(out_dir / "processors.npz", **arrays)
+    sizes = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}
+    print(f"smollm2_sampling: wrote {out_dir}: {sizes}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "tests" / "fixtures")
@@ -610,11 +792,23 @@ def main() -> None:
         metavar="GGUF",
         help="write only OUT/smollm2/ from this GGUF (default: the one fetch_model.py caches)",
     )
+    ap.add_argument(
+        "--smollm2-sampling",
+        type=Path,
+        nargs="?",
+        const=fetch_model.cache_dir() / fetch_model.GGUF_NAME,
+        default=None,
+        metavar="GGUF",
+        help="write only OUT/smollm2_sampling/ (logprobs, processors) from this GGUF",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)  # fixed reduction order, so reruns give the same bits
     args.out.mkdir(parents=True, exist_ok=True)
     if args.smollm2 is not None:
         build_smollm2(args.smollm2, args.out / "smollm2")
+    if args.smollm2_sampling is not None:
+        build_smollm2_sampling(args.smollm2_sampling, args.out / "smollm2_sampling")
+    if args.smollm2 is not None or args.smollm2_sampling is not None:
         return
     manifest: dict[str, Any] = {
         "torch": torch.__version__,
@@ -631,6 +825,7 @@ def main() -> None:
     cached = fetch_model.cache_dir() / fetch_model.GGUF_NAME
     if fetch_model.is_verified(cached):
         build_smollm2(cached, args.out / "smollm2")
+        build_smollm2_sampling(cached, args.out / "smollm2_sampling")
     else:
         print(f"smollm2: skipped, {cached} is missing (scripts/fetch_model.py fetches it)")
 

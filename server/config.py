@@ -48,6 +48,14 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "draft_model": ("DRAFT_MODEL", "draft model for speculative decoding (same tokenizer)"),
     "prompt_lookup_max": ("PROMPT_LOOKUP_MAX", "prompt lookup: longest n-gram matched"),
     "prompt_lookup_min": ("PROMPT_LOOKUP_MIN", "prompt lookup: shortest n-gram matched"),
+    "batch_invariant": (
+        "BATCH_INVARIANT",
+        "a request's logits bitwise independent of the batch (costs a lone request's speed)",
+    ),
+    "prefix_caching": (
+        "PREFIX_CACHING",
+        "keep and share the KV blocks of equal prompt prefixes (--no-prefix-caching: off)",
+    ),
     "max_new_tokens_limit": ("MAX_NEW_TOKENS_LIMIT", "largest max_new_tokens accepted"),
     "batch_timeout_ms": ("BATCH_TIMEOUT_MS", "batching window while a worker is idle, ms"),
     "aging_s": ("AGING_S", "a queued request moves up one priority class per this many s"),
@@ -88,6 +96,8 @@ class ServerConfig:
     draft_model: str = ""
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
+    batch_invariant: bool = False
+    prefix_caching: bool = True
     max_new_tokens_limit: int = 4096
     batch_timeout_ms: float = 5.0
     aging_s: float = 10.0
@@ -172,6 +182,8 @@ class ServerConfig:
             draft_model=self.draft_model,
             prompt_lookup_max=self.prompt_lookup_max,
             prompt_lookup_min=self.prompt_lookup_min,
+            batch_invariant=self.batch_invariant,
+            prefix_caching=self.prefix_caching,
         )
 
     @property
@@ -205,6 +217,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         env, text = _OPTIONS[spec.name]
         convert = _converter(spec.name, spec.type)
         kwargs: dict[str, Any] = {"dest": spec.name, "type": convert, "help": f"{text} (${env})"}
+        if str(spec.type) == "bool":  # --name / --no-name; the env value is parsed strictly
+            kwargs["action"] = argparse.BooleanOptionalAction
         if env in environ:
             # argparse runs `type` on string defaults, so a bad env value is reported too.
             kwargs["default"] = environ[env]
@@ -222,7 +236,18 @@ def _converter(name: str, annotation: object) -> Callable[[str], Any]:
         return str.upper
     if name == "log_format":
         return str.lower
-    return {"int": int, "float": float}.get(str(annotation), str)
+    return {"int": int, "float": float, "bool": _boolean}.get(str(annotation), str)
+
+
+def _boolean(text: str | bool) -> bool:
+    if isinstance(text, bool):  # a flag's own default
+        return text
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, 1/0, yes/no or on/off (got {text!r})")
 
 
 def _named(name: str, rule: str) -> str:

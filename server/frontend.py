@@ -206,9 +206,11 @@ class Frontend:
             state = self.registry.by_handle.get(record.handle)
             if state is None or state.finished:
                 continue  # cancelled or stopped here already
+            if state.cached_prompt_tokens is None:
+                state.cached_prompt_tokens = record.cached_prompt_tokens
             if record.token_id >= 0:
                 previous = state.last_token_at
-                stopped = state.add_tokens([record.token_id])
+                stopped = state.add_tokens([record.token_id], [record.logprob])
                 self.metrics.token(state, previous)
                 if stopped:  # a stop string: the worker need not go on
                     self.engine.send(index, Cancel(state.handle))

@@ -35,6 +35,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from server.frontend import Frontend, Unavailable
+from server.openai_logprobs import chat_logprobs, completion_logprobs, text_length
 from server.openai_schema import (
     ApiError,
     ChatRequest,
@@ -45,8 +46,9 @@ from server.openai_schema import (
 )
 from server.pending_queue import QueueFull
 from server.requests import DuplicateRequestId, RequestError, RequestState
+from server.token_text import TokenTexts
 from server.validation import InvalidRequest, validate_off_loop
-from worker.channel.types import FinishReason
+from worker.channel.types import FinishReason, TokenLogprob
 
 STATIC = Path(__file__).parent / "static"
 FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
@@ -70,6 +72,23 @@ class HttpApi:
         self._rate = (time.monotonic(), 0)  # (when, total tokens) of the last /stats
         # Names the build and the backend: answers may differ when either changes.
         self.fingerprint = f"shoal-{version('shoal')}"
+        self._texts: TokenTexts | None = None  # built at the first request for logprobs
+
+    def token_texts(self) -> TokenTexts:
+        if self._texts is None:
+            assert self.frontend.prompts is not None  # a request was admitted: a Ready came
+            self._texts = TokenTexts(self.frontend.prompts.tokenizer)
+        return self._texts
+
+    def logprobs(
+        self, state: RequestState, logprobs: list[TokenLogprob], chat: bool, offset: int = 0
+    ) -> dict[str, Any] | None:
+        """A choice's `logprobs` (server/openai_logprobs.py); None when not asked for."""
+        if not state.request.params.logprobs:
+            return None
+        if chat:
+            return chat_logprobs(self.token_texts(), logprobs)
+        return completion_logprobs(self.token_texts(), logprobs, offset)
 
     # -- requests ----------------------------------------------------------------------
     async def submit(self, body: CompletionRequest | ChatRequest) -> list[RequestState]:
@@ -115,12 +134,19 @@ class HttpApi:
         return head | {"system_fingerprint": self.fingerprint}
 
     @staticmethod
-    def usage(states: list[RequestState], n: int) -> dict[str, int]:
-        """Each prompt counted once (its `n` choices follow each other), as OpenAI counts."""
+    def usage(states: list[RequestState], n: int) -> dict[str, Any]:
+        """Each prompt counted once (its `n` choices follow each other), as OpenAI counts;
+        `prompt_tokens_details.cached_tokens`: those found in the prefix cache (OpenAI's
+        name), taken from each prompt's first choice."""
         prompt = sum(len(s.request.prompt_ids) for s in states[::n])
+        cached = sum(s.cached_prompt_tokens or 0 for s in states[::n])
         completion = sum(len(s.token_ids) for s in states)
-        total = prompt + completion
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
 
     async def complete(self, body: CompletionRequest | ChatRequest, request: Request) -> Any:
         states = await self.submit(body)
@@ -131,16 +157,20 @@ class HttpApi:
             if not answers.done():  # nobody to answer: free the slots at once
                 answers.cancel()
                 return JSONResponse({}, 499)
-            texts = answers.result()
+            results = answers.result()
         finally:
             gone.cancel()
             self.cancel(states)  # only those not finished: cancelled, or the client went away
         chat = isinstance(body, ChatRequest)
         reply = self.envelope(_id(chat), "chat.completion" if chat else "text_completion")
         reply["choices"] = [
-            {"index": i, "finish_reason": FINISH.get(s.finish_reason, "stop"), "logprobs": None}
+            {
+                "index": i,
+                "finish_reason": FINISH.get(s.finish_reason, "stop"),
+                "logprobs": self.logprobs(s, logprobs, chat),
+            }
             | ({"message": {"role": "assistant", "content": t}} if chat else {"text": t})
-            for i, (s, t) in enumerate(zip(states, texts, strict=True))
+            for i, (s, (t, logprobs)) in enumerate(zip(states, results, strict=True))
         ]
         reply["usage"] = self.usage(states, body.n)
         return reply
@@ -158,6 +188,7 @@ class HttpApi:
         async def generate() -> AsyncIterator[str]:
             queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
             followers = [asyncio.create_task(_follow(i, s, queue)) for i, s in enumerate(states)]
+            offsets = [0] * len(states)  # legacy text_offset, per choice
             try:
                 if chat:
                     role = {"role": "assistant", "content": ""}
@@ -168,10 +199,14 @@ class HttpApi:
                         if isinstance(item, RequestError):
                             yield f"data: {json.dumps(_request_error(item).body())}\n\n"
                             return
-                        text, reason = item
-                        if text or reason:
+                        text, reason, logprobs = item
+                        if text or reason or logprobs:  # tokens with no text yet: their logprobs
                             delta = {"content": text} if chat else text
-                            yield event([_choice(index, delta, reason, chat)])
+                            state = states[index]
+                            lp = self.logprobs(state, logprobs, chat, offsets[index])
+                            if lp is not None and not chat:
+                                offsets[index] += text_length(self.token_texts(), logprobs)
+                            yield event([_choice(index, delta, reason, chat, lp)])
                         if reason:
                             break
                 options = body.stream_options
@@ -214,23 +249,31 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-def _choice(index: int, delta: Any, reason: str | None, chat: bool) -> dict[str, Any]:
+def _choice(
+    index: int, delta: Any, reason: str | None, chat: bool, logprobs: Any = None
+) -> dict[str, Any]:
     key = "delta" if chat else "text"
-    return {"index": index, key: delta, "finish_reason": reason, "logprobs": None}
+    return {"index": index, key: delta, "finish_reason": reason, "logprobs": logprobs}
 
 
-async def _collect(state: RequestState) -> str:
+async def _collect(state: RequestState) -> tuple[str, list[TokenLogprob]]:
+    """The whole text and every token's logprob (empty when not asked for)."""
+    text: list[str] = []
+    logprobs: list[TokenLogprob] = []
     try:
-        return "".join([chunk.text async for chunk in state.follow(0)])
+        async for chunk in state.follow(0):
+            text.append(chunk.text)
+            logprobs += chunk.logprobs
     except RequestError as err:
         raise _request_error(err) from None
+    return "".join(text), logprobs
 
 
 async def _follow(index: int, state: RequestState, queue: asyncio.Queue) -> None:
     try:
         async for chunk in state.follow(0):
             reason = FINISH.get(chunk.finish_reason, "stop") if chunk.finish_reason else None
-            await queue.put((index, (chunk.text, reason)))
+            await queue.put((index, (chunk.text, reason, chunk.logprobs)))
     except RequestError as err:
         await queue.put((index, err))
 

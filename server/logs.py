@@ -75,6 +75,7 @@ def request_fields(state: RequestState) -> dict[str, Any]:
         "priority": state.request.priority.name.lower(),
         "prompt_tokens": len(state.request.prompt_ids),
         "completion_tokens": len(state.token_ids),
+        "cached_prompt_tokens": state.cached_prompt_tokens,  # null: no worker reported
         "queue_ms": ms(state.queue_s),
         "ttft_ms": ms(state.ttft_s),  # null: no token came
         "total_ms": ms(state.total_s),

@@ -47,15 +47,21 @@ class _WorkerSeries:
     waiting: Gauge
     kv_used: Gauge
     kv_total: Gauge
+    kv_cached: Gauge
+    prefix_hit_rate: Gauge
     tokens: Counter
     preemptions: Counter
     draft_tokens: Counter
     accepted_draft_tokens: Counter
+    prefix_queries: Counter
+    prefix_hits: Counter
     # The worker's own counters restart from 0 with a new process: only deltas are added.
     last_tokens: int = 0
     last_preemptions: int = 0
     last_draft_tokens: int = 0
     last_accepted_draft_tokens: int = 0
+    last_prefix_queries: int = 0
+    last_prefix_hits: int = 0
 
 
 class Metrics:
@@ -129,6 +135,18 @@ class Metrics:
             "kv_total": Gauge(
                 "shoal_kv_blocks_total", "KV cache blocks in the pool", WORKER_LABEL, registry=r
             ),
+            "kv_cached": Gauge(
+                "shoal_kv_blocks_cached",
+                "KV blocks held by no sequence, kept for prefix cache hits (evictable)",
+                WORKER_LABEL,
+                registry=r,
+            ),
+            "prefix_hit_rate": Gauge(
+                "shoal_prefix_cache_hit_rate",
+                "Prefix cache hit tokens / looked-up tokens since the worker started",
+                WORKER_LABEL,
+                registry=r,
+            ),
         }
         self._counters = {
             "tokens": Counter(
@@ -147,6 +165,18 @@ class Metrics:
             "accepted_draft_tokens": Counter(
                 "shoal_speculative_accepted_tokens",
                 "Speculative decoding: draft tokens accepted",
+                WORKER_LABEL,
+                registry=r,
+            ),
+            "prefix_queries": Counter(
+                "shoal_prefix_cache_query_tokens",
+                "Tokens looked up in the prefix cache when sequences start",
+                WORKER_LABEL,
+                registry=r,
+            ),
+            "prefix_hits": Counter(
+                "shoal_prefix_cache_hit_tokens",
+                "Looked-up tokens found in the prefix cache (not computed again)",
                 WORKER_LABEL,
                 registry=r,
             ),
@@ -207,9 +237,14 @@ class Metrics:
         s.waiting.set(status.waiting)
         s.kv_used.set(status.kv_blocks_used)
         s.kv_total.set(status.kv_blocks_total)
+        s.kv_cached.set(status.kv_blocks_cached)
+        queries, hits = status.prefix_cache_query_tokens, status.prefix_cache_hit_tokens
+        s.prefix_hit_rate.set(status.prefix_cache_hit_rate)
         # A smaller total than last time means a new process: its whole total is new.
         s.tokens.inc(_delta(status.total_tokens, s.last_tokens))
         s.preemptions.inc(_delta(status.preemptions, s.last_preemptions))
+        s.prefix_queries.inc(_delta(queries, s.last_prefix_queries))
+        s.prefix_hits.inc(_delta(hits, s.last_prefix_hits))
         s.last_tokens, s.last_preemptions = status.total_tokens, status.preemptions
         s.draft_tokens.inc(_delta(status.draft_tokens, s.last_draft_tokens))
         s.accepted_draft_tokens.inc(
@@ -217,12 +252,14 @@ class Metrics:
         )
         s.last_draft_tokens = status.draft_tokens
         s.last_accepted_draft_tokens = status.accepted_draft_tokens
+        s.last_prefix_queries, s.last_prefix_hits = queries, hits
 
     def worker_gone(self, index: int) -> None:
         s = self._series(index)
-        for gauge in (s.up, s.active, s.utilization, s.waiting, s.kv_used):
+        for gauge in (s.up, s.active, s.utilization, s.waiting, s.kv_used, s.kv_cached):
             gauge.set(0)
-        s.last_tokens = s.last_preemptions = 0  # its replacement counts from 0
+        # its replacement counts from 0 (and starts with an empty prefix cache)
+        s.last_tokens = s.last_preemptions = s.last_prefix_queries = s.last_prefix_hits = 0
         s.last_draft_tokens = s.last_accepted_draft_tokens = 0
 
     # -- endpoint ----------------------------------------------------------------------

@@ -82,24 +82,16 @@ class _Common(_Body):
     stream_options: StreamOptions | None = None
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
-    top_logprobs: int | None = None
     # shoal's extra fields
     top_k: int = 0
     min_p: float = 0.0
-    repetition_penalty: float | None = None
+    repetition_penalty: float = 0.0  # 0 or 1 = off
     priority: Text | int = ""
     ignore_eos: bool = False
 
-    def unsupported(self) -> list[str]:
-        """Fields set to something the engine cannot do yet (issue: engine features)."""
-        asked = {
-            "logprobs": bool(getattr(self, "logprobs", None)),
-            "top_logprobs": bool(self.top_logprobs),
-            "frequency_penalty": self.frequency_penalty != 0,
-            "presence_penalty": self.presence_penalty != 0,
-            "repetition_penalty": self.repetition_penalty not in (None, 0, 1),
-        }
-        return [name for name, on in asked.items() if on]
+    def logprob_fields(self) -> dict[str, Any]:
+        """The RequestFields `logprobs` and `top_logprobs` this body asks for."""
+        raise NotImplementedError
 
     def new_tokens(self) -> int | None:
         return self.max_tokens
@@ -112,8 +104,14 @@ class _Common(_Body):
 class CompletionRequest(_Common):
     prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
-    logprobs: int | None = None
+    logprobs: int | None = None  # legacy: the number of alternatives; 0 = the sampled token's
     echo: bool = False
+
+    def logprob_fields(self) -> dict[str, Any]:
+        return {"logprobs": self.logprobs is not None, "top_logprobs": self.logprobs or 0}
+
+    def http_names(self) -> dict[str, str]:
+        return super().http_names() | {"top_logprobs": "logprobs"}
 
     def prompts(self) -> list[dict[str, Any]]:
         """Each prompt as the RequestFields keyword that carries it."""
@@ -151,6 +149,10 @@ class ChatRequest(_Common):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool = False
+    top_logprobs: int = 0  # needs logprobs: true, as OpenAI requires
+
+    def logprob_fields(self) -> dict[str, Any]:
+        return {"logprobs": self.logprobs, "top_logprobs": self.top_logprobs}
 
     def prompts(self) -> list[dict[str, Any]]:
         if not self.messages:
@@ -172,11 +174,8 @@ class ChatRequest(_Common):
 def to_fields(body: CompletionRequest | ChatRequest) -> list[list[RequestFields]]:
     """RequestFields per prompt, per choice (`n`); seeds of choice i are seed + i.
 
-    InvalidRequest naming the field for what the engine cannot do yet.
+    InvalidRequest naming the field for what the engine cannot do yet (`echo`).
     """
-    unsupported = body.unsupported()
-    if unsupported:
-        raise InvalidRequest(f"{unsupported[0]} is not supported yet")
     if body.echo if isinstance(body, CompletionRequest) else False:
         raise InvalidRequest("echo is not supported")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -189,6 +188,10 @@ def to_fields(body: CompletionRequest | ChatRequest) -> list[list[RequestFields]
         "stop": stop,
         "ignore_eos": body.ignore_eos,
         "priority": body.priority,
+        "repetition_penalty": body.repetition_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "presence_penalty": body.presence_penalty,
+        **body.logprob_fields(),
     }
     return [
         [RequestFields(**prompt, **common, seed=_choice_seed(body.seed, i)) for i in range(body.n)]

@@ -9,6 +9,7 @@
   takes the short names ("HIGH", "normal", "low"). Every error names the field (its proto
   name, with the list index: `messages[1].content`) and what it must be.
 - `finish_reason_name`: the proto name of a finish reason ("FINISH_REASON_STOP").
+- `logprobs_json`: TokenLogprobs as the JSON of GenerateChunk.logprobs (proto field names).
 
 `python -m client batch` reads its input with the same `parse_message` (shoal/proto_json.py,
 beside the stubs, since client/ may not import server/).
@@ -25,7 +26,7 @@ from google.protobuf.message import Message
 from server.validation import InvalidRequest, RequestFields
 from shoal.proto_json import parse_message
 from shoal.v1 import inference_pb2 as pb
-from worker.channel.types import FinishReason
+from worker.channel.types import FinishReason, TokenLogprob
 
 FINISH_REASONS = {
     FinishReason.NONE: pb.FINISH_REASON_UNSPECIFIED,
@@ -39,6 +40,19 @@ FINISH_REASONS = {
 def finish_reason_name(reason: FinishReason) -> str:
     """FinishReason.STOP -> "FINISH_REASON_STOP" (the proto JSON form)."""
     return pb.FinishReason.Name(FINISH_REASONS[reason])
+
+
+def logprobs_json(logprobs: list[TokenLogprob]) -> list[dict[str, Any]]:
+    """[{"token_id", "logprob", "top": [{"token_id", "logprob"}, ...]}, ...], as the proto
+    fields are named (the offline output's other keys are snake_case too)."""
+    return [
+        {
+            "token_id": lp.token_id,
+            "logprob": lp.logprob,
+            "top": [{"token_id": t, "logprob": v} for t, v in lp.top],
+        }
+        for lp in logprobs
+    ]
 
 
 def fields_from_proto(request: pb.GenerateRequest) -> RequestFields:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from server.detokenizer import IncrementalText
 from server.validation import ValidatedRequest
-from worker.channel.types import FinishReason
+from worker.channel.types import FinishReason, TokenLogprob
 
 
 class RequestError(Exception):
@@ -39,9 +39,11 @@ class Chunk:
     text: str
     finish_reason: FinishReason = FinishReason.NONE
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
     queue_ms: float = 0.0
     ttft_ms: float = 0.0
     total_ms: float = 0.0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked
 
 
 @dataclass(eq=False)
@@ -59,6 +61,10 @@ class RequestState:
     resumptions: int = 0  # times put back in the queue after its worker died
     token_ids: list[int] = field(default_factory=list)
     text_deltas: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # parallel to token_ids, if asked
+    # Prompt tokens found in a worker's prefix cache when the request first started
+    # there (None until a worker reports; a resumed request keeps the first report).
+    cached_prompt_tokens: int | None = None
     # Text held back until the end (half a character, a possible stop-string prefix):
     # it belongs to the end, not to a token, so a live listener past the last token
     # gets it in the last chunk exactly as a replay from any index does.
@@ -71,15 +77,21 @@ class RequestState:
     def finished(self) -> bool:
         return self.finished_at is not None
 
-    def add_tokens(self, token_ids: list[int]) -> bool:
-        """Append generated tokens; True when a stop string ended the request."""
+    def add_tokens(
+        self, token_ids: list[int], logprobs: list[TokenLogprob | None] | None = None
+    ) -> bool:
+        """Append generated tokens (and their logprobs, when the request asked for them);
+        True when a stop string ended the request."""
         self.last_token_at = time.monotonic()
         if self.first_token_at is None:
             self.first_token_at = self.last_token_at
-        for token in token_ids:
+        for i, token in enumerate(token_ids):
             delta = self.text.add([token])
             self.token_ids.append(token)
             self.text_deltas.append(delta.text)
+            logprob = logprobs[i] if logprobs is not None else None
+            if logprob is not None:
+                self.logprobs.append(logprob)
             if delta.stopped:
                 self.finish(FinishReason.STOP, flush=False)  # nothing after a stop string
                 return True
@@ -127,10 +139,12 @@ class RequestState:
             index,
             self.token_ids[index:],
             "".join(self.text_deltas[index:]) + self.tail,
+            logprobs=self.logprobs[index:],
         )
         if self.finished:
             chunk.finish_reason = self.finish_reason
             chunk.prompt_tokens = len(self.request.prompt_ids)
+            chunk.cached_prompt_tokens = self.cached_prompt_tokens or 0
             chunk.queue_ms = (self.queue_s or 0.0) * 1000
             chunk.ttft_ms = (self.ttft_s or 0.0) * 1000  # 0: no token came
             chunk.total_ms = (self.total_s or 0.0) * 1000
@@ -207,6 +221,8 @@ class RequestRegistry:
 
 
 def retained_size(state: RequestState) -> int:
-    """What a retained result holds: its text (UTF-8) and 4 bytes per prompt or output token."""
+    """What a retained result holds: its text (UTF-8), 4 bytes per prompt or output token
+    and 8 per logprob (the token's and each alternative's)."""
     text = sum(len(delta.encode()) for delta in state.text_deltas) + len(state.tail.encode())
-    return text + 4 * (len(state.request.prompt_ids) + len(state.token_ids))
+    logprobs = sum(1 + len(lp.top) for lp in state.logprobs)
+    return text + 4 * (len(state.request.prompt_ids) + len(state.token_ids)) + 8 * logprobs

@@ -33,7 +33,7 @@ from server.requests import Chunk, DuplicateRequestId, RequestError, RequestStat
 from server.validation import InvalidRequest, check_request_id, validate_off_loop
 from shoal.v1 import inference_pb2 as pb
 from shoal.v1 import inference_pb2_grpc as pb_grpc
-from worker.channel.messages import Status
+from worker.channel.messages import Status, hit_rate
 from worker.channel.types import FinishReason
 
 log = logging.getLogger(__name__)
@@ -56,13 +56,25 @@ def chunk_to_proto(chunk: Chunk, completion_tokens: int | None = None) -> pb.Gen
         token_ids=chunk.token_ids,
         text=chunk.text,
         finish_reason=FINISH_REASONS[chunk.finish_reason],
+        logprobs=[
+            pb.TokenLogprob(
+                token_id=lp.token_id,
+                logprob=lp.logprob,
+                top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+            )
+            for lp in chunk.logprobs
+        ],
     )
     if chunk.finish_reason != FinishReason.NONE:
         completion = completion_tokens
         if completion is None:
             completion = chunk.index + len(chunk.token_ids)
         message.usage.CopyFrom(
-            pb.Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=completion)
+            pb.Usage(
+                prompt_tokens=chunk.prompt_tokens,
+                completion_tokens=completion,
+                cached_prompt_tokens=chunk.cached_prompt_tokens,
+            )
         )
         message.timing.CopyFrom(
             pb.Timing(queue_ms=chunk.queue_ms, ttft_ms=chunk.ttft_ms, total_ms=chunk.total_ms)
@@ -157,6 +169,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             kv_blocks_total=sum(r.kv_blocks_total for r in rows),
             draft_tokens=sum(r.draft_tokens for r in rows),
             accepted_draft_tokens=sum(r.accepted_draft_tokens for r in rows),
+            kv_blocks_cached=sum(r.kv_blocks_cached for r in rows),
+            prefix_cache_query_tokens=sum(r.prefix_cache_query_tokens for r in rows),
+            prefix_cache_hit_tokens=sum(r.prefix_cache_hit_tokens for r in rows),
+        )
+        total.prefix_cache_hit_rate = hit_rate(
+            total.prefix_cache_hit_tokens, total.prefix_cache_query_tokens
         )
         total.draft_acceptance_rate = _acceptance_rate(total)
         return pb.Stats(workers=rows, total=total, pending_queue_length=len(self.frontend.queue))
@@ -272,6 +290,10 @@ def _worker_row(index: int, alive: bool, status: Status | None) -> pb.WorkerStat
         row.draft_tokens = status.draft_tokens
         row.accepted_draft_tokens = status.accepted_draft_tokens
         row.draft_acceptance_rate = _acceptance_rate(row)
+        row.kv_blocks_cached = status.kv_blocks_cached
+        row.prefix_cache_query_tokens = status.prefix_cache_query_tokens
+        row.prefix_cache_hit_tokens = status.prefix_cache_hit_tokens
+        row.prefix_cache_hit_rate = status.prefix_cache_hit_rate
     return row
 
 

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from worker.channel.types import Priority, SamplingParams
+from worker.channel.types import MAX_TOP_LOGPROBS, Priority, SamplingParams
 
 # shoal.v1.Priority by name (with or without the PRIORITY_ prefix) and by number, as
 # the proto3 JSON mapping allows both; UNSPECIFIED (and "") mean NORMAL.
@@ -36,6 +36,12 @@ UINT64 = 2**64
 MAX_PROMPT_BYTES = 1 << 20  # the default Limits.max_prompt_bytes
 MAX_REQUEST_ID_BYTES = 128  # the default Limits.max_request_id_bytes
 OFF_LOOP_BYTES = 16 << 10  # text prompts above this are tokenized in a worker thread
+# repetition_penalty: 0 or 1 = off, else in [1 / MAX, MAX]. A seen token's logit is divided
+# or multiplied by it; past 100 (either way) every seen token is in effect banned or forced
+# already, and the bound keeps penalised logits finite in float32 (a positive logit over a
+# subnormal penalty would overflow).
+MAX_REPETITION_PENALTY = 100.0
+MAX_FREQUENCY_PENALTY = 2.0  # frequency_penalty and presence_penalty in [-2, 2] (OpenAI's)
 # One thread: big prompts wait for each other (each takes at most ~2 s: max_prompt_bytes),
 # the event loop never does. Memory the tokenizer freed can stay in that thread's malloc
 # arena (RSS that never comes down) unless given back with malloc_trim after each one.
@@ -86,6 +92,11 @@ class RequestFields:
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
     priority: str | int = ""  # a shoal.v1.Priority name or number; "" = NORMAL
+    repetition_penalty: float = 0.0  # 0 or 1 = off
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: bool = False
+    top_logprobs: int = 0  # needs logprobs
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,8 @@ def validate(request: RequestFields, limits: Limits, prompts: Prompts) -> Valida
         raise InvalidRequest(f"top_k must be in [0, {limits.vocab_size}] (the vocab size)")
     if r.seed is not None and not 0 <= r.seed < UINT64:
         raise InvalidRequest(f"seed must be in [0, 2**64) (got {r.seed})")
+    repetition_penalty = _penalties(r)
+    _logprobs(r, min(MAX_TOP_LOGPROBS, limits.vocab_size))
     stop = _stop_strings(r.stop, limits)
     stop_token_ids = _stop_token_ids(r.stop_token_ids, limits)
     prompt_ids = _prompt_ids(r, limits, prompts)
@@ -172,8 +185,41 @@ def validate(request: RequestFields, limits: Limits, prompts: Prompts) -> Valida
         seed=r.seed if r.seed is not None else int.from_bytes(os.urandom(8), "little"),
         stop_token_ids=stop_token_ids,
         ignore_eos=r.ignore_eos,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=r.frequency_penalty,
+        presence_penalty=r.presence_penalty,
+        logprobs=r.logprobs,
+        top_logprobs=r.top_logprobs,
     )
     return ValidatedRequest(request_id, prompt_ids, params, priority, stop)
+
+
+def _penalties(r: RequestFields) -> float:
+    """Check the three penalties; the repetition penalty as the engine takes it (1 = off)."""
+    low, high = 1 / MAX_REPETITION_PENALTY, MAX_REPETITION_PENALTY
+    p = r.repetition_penalty
+    # gRPC carries a float32: 0.01 arrives as 0.0099999998, which is still the bound.
+    if p != 0 and not low * (1 - 1e-6) <= p <= high:  # also true for NaN
+        raise InvalidRequest(
+            f"repetition_penalty must be 0 (off) or in [{low:g}, {high:g}] (got {p:.7g})"
+        )
+    limit = MAX_FREQUENCY_PENALTY
+    for name in ("frequency_penalty", "presence_penalty"):
+        value = getattr(r, name)
+        if not -limit <= value <= limit:
+            raise InvalidRequest(f"{name} must be in [{-limit:g}, {limit:g}] (got {value:.7g})")
+    return p if p != 0 else 1.0
+
+
+def _logprobs(r: RequestFields, limit: int) -> None:
+    """top_logprobs in [0, 20] (fewer for a vocab under 20), and only with logprobs (as
+    OpenAI's chat API requires)."""
+    if not 0 <= r.top_logprobs <= limit:
+        raise InvalidRequest(f"top_logprobs must be in [0, {limit}] (got {r.top_logprobs})")
+    if r.top_logprobs and not r.logprobs:
+        raise InvalidRequest(
+            f"top_logprobs ({r.top_logprobs}) needs logprobs to be true (got false)"
+        )
 
 
 def _priority(value: str | int) -> Priority:

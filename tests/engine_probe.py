@@ -21,8 +21,8 @@ def engine_logits(
     """(len(tokens), vocab) logits; row t predicts the token after position t."""
     runner = processor.runner
     seq = Sequence(0, list(tokens[:prefill_len]), SamplingParams(max_new_tokens=len(tokens)))
-    allocator = runner.cache.allocator
-    seq.block_table = allocator.allocate(blocks_for(len(tokens), runner.block_size))
+    blocks = processor.scheduler.block_manager
+    seq.block_table = blocks.allocate(blocks_for(len(tokens), runner.block_size))
     rows = []
     try:
         while seq.num_pending:
@@ -37,5 +37,5 @@ def engine_logits(
             rows.append(runner.backend.to_host(runner.model.forward(step, runner.cache)))
             seq.num_computed += 1
     finally:
-        allocator.free(seq.block_table)
+        blocks.free(seq.block_table)
     return np.concatenate(rows)

@@ -63,6 +63,7 @@ def test_every_line_is_answered_in_order(
     assert text["usage"] == {
         "prompt_tokens": len(tokenizer.encode("Hello, world").ids),
         "completion_tokens": 12,
+        "cached_prompt_tokens": 0,
     }
     assert text["text"] == tokenizer.decode(text["token_ids"])
 

@@ -47,6 +47,17 @@ def test_gpu_check_without_cupy_says_so_and_exits_2() -> None:
     assert "--xp numpy" in result.stdout
 
 
+def test_bench_features_quick_prints_every_mode(default_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "features.json"
+    args = ["--quick", "--device", "cpu", "--model", str(default_model), "--batch-sizes", "1,3"]
+    result = run_script("bench_features.py", *args, "--json", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Decode step by what the batch asks for" in result.stdout
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 * 5 and {r["batch"] for r in rows} == {1, 3}
+    assert [r["ratio"] for r in rows if r["mode"] == "nobody asks, bypassed"] == [1.0, 1.0]
+
+
 def test_bench_engine_quick_prints_every_table(default_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     args = ["--quick", "--device", "cpu", "--model", str(default_model), "--batch-sizes", "1,2,32"]
@@ -92,3 +103,22 @@ def test_bench_speculative_quick_prints_the_table_with_the_same_tokens(
     assert all(r["same"] == "yes" for r in records)
     drafted = [r for r in records if r["mode"] == "draft"]
     assert all(r["draft_tokens"] > 0 for r in drafted)  # the model drafting for itself
+
+
+def test_bench_prefix_cache_quick_prints_both_tables(default_model: Path) -> None:
+    args = ["--quick", "--device", "cpu", "--model", str(default_model)]
+    result = run_script("bench_prefix_cache.py", *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "### Machine and ceilings" in result.stdout
+    assert (
+        "### Shared system prompt" in result.stdout
+        and "(outputs with and without: identical)" in result.stdout
+    )
+    rows = table_rows(result.stdout)
+    shared = [r for r in rows if r.startswith(("| off |", "| on |"))]
+    assert len(shared) == 2
+    assert shared[0].endswith("| 336 of 336 |")  # 6 x (48 + 8) tokens, all computed
+    assert shared[1].endswith("| 96 of 336 |")  # the 48-token system prompt once (3 blocks)
+    turns = [r for r in rows if r.split("|")[1].strip() in ("1", "2", "3")]
+    assert len(turns) == 3 and all(r.endswith("| yes |") for r in turns)
+    assert [r.split("|")[3].strip() for r in turns] == ["0", "48", "64"]  # cached per turn

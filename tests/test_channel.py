@@ -20,7 +20,7 @@ from worker.channel.messages import (
     encode,
 )
 from worker.channel.ring import Doorbell, Ring, segment_name, sweep_stale_segments
-from worker.channel.types import FinishReason, Priority, SamplingParams, TokenRecord
+from worker.channel.types import FinishReason, Priority, SamplingParams, TokenLogprob, TokenRecord
 
 CAPACITY = 16384
 
@@ -97,7 +97,13 @@ def test_message_codec_round_trips() -> None:
         seed=2**64 - 1,
         stop_token_ids=(4, 5),
         ignore_eos=True,
+        repetition_penalty=1.3,
+        frequency_penalty=-0.5,
+        presence_penalty=2.0,
+        logprobs=True,
+        top_logprobs=20,
     )
+    logprob = TokenLogprob(5, -0.25, tuple((i, -1.5 - i) for i in range(20)))
     messages = [
         Add(9, list(range(70_000)), params, Priority.LOW, generated=[1, 2, 3]),
         Cancel(2**63),
@@ -119,13 +125,28 @@ def test_message_codec_round_trips() -> None:
             "</s>",
         ),
         Tokens(
-            [TokenRecord(1, 5, 0, FinishReason.NONE), TokenRecord(2, -1, 9, FinishReason.CANCELLED)]
+            [
+                TokenRecord(1, 5, 0, FinishReason.NONE, cached_prompt_tokens=48),
+                TokenRecord(2, -1, 9, FinishReason.CANCELLED),
+            ]
         ),
-        Status(3, 29, 32, 10, 4096, 12345, 2**40, 2, 77, 9999),
+        Tokens(  # logprobs on some records only, with and without alternatives
+            [
+                TokenRecord(1, 5, 3, FinishReason.NONE, logprob),
+                TokenRecord(2, 7, 0, FinishReason.NONE),
+                TokenRecord(3, 9, 1, FinishReason.EOS, TokenLogprob(9, -3.0), 32),
+                TokenRecord(4, -1, 9, FinishReason.CANCELLED),
+            ]
+        ),
+        Status(3, 29, 32, 10, 4096, 12345, 2**40, 2, 77, 9999, 17, 2**33, 2**32 + 5),
         Rejected(5, "prompt_token_ids: token id 9 is outside [0, 8) — ünïcode"),
     ]
     for message in messages:
         assert decode(encode(message)) == message
+    # A record of a request that did not ask pays one byte; one with 20 alternatives 164 more.
+    plain = len(encode(Tokens([TokenRecord(1, 5, 0)])))
+    assert plain == 1 + 4 + 22
+    assert len(encode(Tokens([TokenRecord(1, 5, 3, FinishReason.NONE, logprob)]))) == plain + 164
 
 
 def test_a_message_is_published_whole_or_not_at_all(rings) -> None:

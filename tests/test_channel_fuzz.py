@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import resource
 import struct
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -31,7 +32,7 @@ from worker.channel.messages import (
     decode,
     encode,
 )
-from worker.channel.types import FinishReason, Priority, SamplingParams, TokenRecord
+from worker.channel.types import FinishReason, Priority, SamplingParams, TokenLogprob, TokenRecord
 
 DECODE_ERRORS = (ValueError, struct.error, IndexError)
 SETTINGS = settings(
@@ -57,8 +58,26 @@ PARAMS = st.builds(
     seed=U64,
     stop_token_ids=st.lists(U32, max_size=5).map(tuple),
     ignore_eos=st.booleans(),
+    repetition_penalty=FLOAT,
+    frequency_penalty=FLOAT,
+    presence_penalty=FLOAT,
+    logprobs=st.booleans(),
+    top_logprobs=U64,
 )
-RECORD = st.builds(TokenRecord, U64, I64, U32, st.sampled_from(FinishReason))
+F32 = st.floats(allow_nan=False, width=32)  # logprobs travel as float32
+TOP = st.lists(st.tuples(U32, F32), max_size=21).map(tuple)
+
+
+@st.composite
+def records(draw: st.DrawFn) -> TokenRecord:
+    """A record, with a logprob (for its own token id) or not."""
+    record = TokenRecord(draw(U64), draw(I64), draw(U32), draw(st.sampled_from(FinishReason)))
+    if draw(st.booleans()):
+        record = replace(record, logprob=TokenLogprob(record.token_id, draw(F32), draw(TOP)))
+    return record
+
+
+RECORD = records()
 MESSAGE_VALUES = st.one_of(
     st.builds(
         Add,
@@ -167,7 +186,7 @@ def test_huge_counts_in_short_frames(kind: int, count: int) -> None:
 def test_a_count_past_the_end_of_the_frame_is_an_error() -> None:
     frame = encode(Cancel(handle=1))[:1] + struct.pack("<Q", 1)  # Cancel, handle 1: fine
     assert decode(frame) == Cancel(1)
-    # Tokens with a count of 2 but one 21-byte record: must not decode as one record.
+    # Tokens with a count of 2 but one record: must not decode as one record.
     one = TokenRecord(1, 5, 0, FinishReason.NONE)
     whole = encode(Tokens(records=[one]))
     short = whole[:1] + struct.pack("<I", 2) + whole[5:]

@@ -337,6 +337,7 @@ def test_run_batch_keeps_input_order_and_the_concurrency_limit(
         assert direct.usage and records[i]["usage"] == {
             "prompt_tokens": 2,
             "completion_tokens": direct.usage.completion_tokens,
+            "cached_prompt_tokens": 0,  # no full KV block in 2 tokens
         }
 
 

@@ -132,11 +132,12 @@ def test_running_and_final_chunks() -> None:
             token_ids=[7],
             text="c",
             finish_reason=pb.FINISH_REASON_LENGTH,
-            usage=pb.Usage(prompt_tokens=4, completion_tokens=3),
+            usage=pb.Usage(prompt_tokens=4, completion_tokens=3, cached_prompt_tokens=2),
             timing=pb.Timing(queue_ms=1.0, ttft_ms=2.0, total_ms=3.0),
         )
     )
     assert last.finish_reason == "LENGTH" and last.usage and last.usage.completion_tokens == 3
+    assert last.usage.cached_prompt_tokens == 2
     assert last.timing and last.timing.total_ms == 3.0
     empty_end = chunk_from_pb(pb.GenerateChunk(finish_reason=pb.FINISH_REASON_CANCELLED))
     assert empty_end.finish_reason == "CANCELLED" and empty_end.usage is None
@@ -146,17 +147,23 @@ def test_running_and_final_chunks() -> None:
     done = builder.build()
     assert (done.text, done.token_ids, done.finish_reason) == ("abc", (5, 6, 7), "LENGTH")
     assert done.usage == last.usage and done.request_id == "r"
-    assert "finish=LENGTH tokens=3 prompt_tokens=4 ttft_ms=2.0" in summary_line(done)
+    summary = "finish=LENGTH tokens=3 prompt_tokens=4 cached_prompt_tokens=2 ttft_ms=2.0"
+    assert summary in summary_line(done)
 
 
 def test_stats_and_model_info_conversion() -> None:
     w = pb.WorkerStats(worker=0, active_sequences=2, total_tokens=10, utilization=0.25, alive=True)
+    w.kv_blocks_cached, w.prefix_cache_hit_rate = 5, 0.375
+    w.prefix_cache_query_tokens, w.prefix_cache_hit_tokens = 64, 24
     total = pb.WorkerStats(worker=-1, total_tokens=10)
     stats = stats_from_pb(pb.Stats(workers=[w], total=total, pending_queue_length=7))
     assert stats.workers[0].active_sequences == 2 and stats.total.worker == -1
     assert stats.as_dict()["total"]["total_tokens"] == 10 and stats.pending_queue_length == 7
+    row = stats.workers[0]
+    assert (row.prefix_cache_query_tokens, row.prefix_cache_hit_tokens) == (64, 24)
     table = stats_table(stats).splitlines()
     assert len(table) == 4 and table[2].split()[0] == "total" and "25.0%" in table[1]
+    assert "prefix hit" in table[0] and table[1].split()[-2:] == ["5", "37.5%"]
     assert table[-1].endswith(": 7")
     info = model_info_from_pb(pb.ModelInfo(name="m", eos_token_ids=[2, 3], vocab_size=512))
     assert info.eos_token_ids == (2, 3) and info.as_dict()["vocab_size"] == 512
@@ -216,7 +223,7 @@ def test_batch_lines_become_jobs_or_error_records() -> None:
 def test_records_are_written_one_json_object_a_line(tmp_path: Path) -> None:
     builder = CompletionBuilder()
     builder.add(Chunk("srv-1", 0, (5, 6), "ca"))
-    usage = pb.Usage(prompt_tokens=1, completion_tokens=3)
+    usage = pb.Usage(prompt_tokens=1, completion_tokens=3, cached_prompt_tokens=0)
     builder.add(
         chunk_from_pb(
             pb.GenerateChunk(
@@ -233,7 +240,7 @@ def test_records_are_written_one_json_object_a_line(tmp_path: Path) -> None:
         "token_ids": [5, 6, 7],
         "text": "café",
         "finish_reason": "FINISH_REASON_EOS",
-        "usage": {"prompt_tokens": 1, "completion_tokens": 3},
+        "usage": {"prompt_tokens": 1, "completion_tokens": 3, "cached_prompt_tokens": 0},
     }
     write_records(tmp_path / "out.jsonl", records)
     text = (tmp_path / "out.jsonl").read_text(encoding="utf-8")

@@ -170,7 +170,8 @@ def test_admission_waits_for_a_slot_and_blocks_in_priority_order(make_processor)
     small = make_processor(kv_cache_mb=8 * 16 * 2048 / 2**20)  # 8 blocks
     small.add_request(0, prompt(64), params)  # 4 blocks
     small.process_step()
-    small.add_request(1, prompt(64), params)  # 4 more would leave no watermark: waits
+    # (Prompts differ: a shared prefix would need fewer blocks, tests/test_prefix_cache.py.)
+    small.add_request(1, prompt(64, seed=1), params)  # 4 more would leave no watermark: waits
     small.add_request(2, prompt(16), params)  # would fit, but may not jump ahead of 1
     small.add_request(3, prompt(16), params, Priority.HIGH)  # a higher class goes first
     small.process_step()
@@ -216,6 +217,9 @@ def test_cancel_of_a_waiting_request(make_processor) -> None:
         ([1], SamplingParams(max_new_tokens=0), "max_new_tokens must be > 0"),
         (list(range(1, 300)), SamplingParams(), "context limit of 256"),
         ([1, 2], SamplingParams(max_new_tokens=100_000), "exceed the KV cache"),
+        ([1], SamplingParams(logprobs=True, top_logprobs=21), "top_logprobs must be in [0, 20]"),
+        ([1], SamplingParams(repetition_penalty=0.0), "repetition_penalty must be finite and > 0"),
+        ([1], SamplingParams(repetition_penalty=float("nan")), "repetition_penalty must be"),
     ],
 )
 def test_invalid_requests_name_the_field(make_processor, ids, params, message) -> None:

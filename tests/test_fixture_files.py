@@ -214,3 +214,36 @@ def test_smollm2_chats(smol: dict[str, Any]) -> None:
         assert not any(t in eos_ids for t in new[:-1])
         for token, top in zip(new, c["completion_top"], strict=True):
             check_top(top, token, vocab)
+
+
+# -- smollm2_sampling/: transformers' logprobs and logits processors -------------------------
+SAMPLING = FIXTURES / "smollm2_sampling"
+SAMPLING_KEYS = ("raw", "temperature", "repetition", "repetition_temperature")
+
+
+def test_smollm2_sampling_files(smol: dict[str, Any]) -> None:
+    assert sorted(p.name for p in SAMPLING.iterdir()) == ["expected.json", "processors.npz"]
+    assert sum(p.stat().st_size for p in SAMPLING.iterdir()) < 500_000
+    data = json.loads((SAMPLING / "expected.json").read_text(encoding="utf-8"))
+    assert data["model"]["gguf_sha256"] == smol["model"]["gguf_sha256"]  # the same model
+    vocab = smol["config"]["vocab_size"]
+    for path in data["paths"]:
+        for key in SAMPLING_KEYS:
+            ids = path["penalised_ids" if key.startswith("repetition") else "greedy_ids"]
+            steps = path[key]
+            assert [s["token"] for s in steps] == ids
+            for step in steps:
+                top, values = step["top_ids"], step["top_logprobs"]
+                assert len(top) == len(set(top)) == SMOL_TOP and all(0 <= t < vocab for t in top)
+                assert values == sorted(values, reverse=True) and values[0] <= 0
+                assert top[0] == step["token"] and values[0] == step["logprob"]  # greedy paths
+    with np.load(SAMPLING / "processors.npz") as npz:
+        arrays = dict(npz)
+    logits = arrays.pop("logits")
+    history = arrays.pop("input_ids")
+    assert logits.dtype == np.float32 and history.shape[0] == logits.shape[0]
+    processors = data["processors"]
+    names = {f"repetition_{p}" for p in processors["repetition_penalties"]}
+    names |= {f"min_p_{m}" for m in processors["min_p"]} | {"log_softmax_temperature"}
+    assert set(arrays) == names
+    assert all(a.shape == logits.shape for a in arrays.values())

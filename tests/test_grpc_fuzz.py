@@ -138,6 +138,11 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "ignore_eos": st.booleans(),
     "priority": PRIORITY,
     "min_p": FLOAT32,
+    "repetition_penalty": FLOAT32,
+    "frequency_penalty": FLOAT32,
+    "presence_penalty": FLOAT32,
+    "logprobs": st.booleans(),
+    "top_logprobs": UINT32,
     # Up to 64 entries only: requests with ~1,500 messages grow the front's RSS ~60 KB each
     # (test_many_messages_do_not_grow_the_front, xfail); put 1500 back when it passes.
     "messages": many(CHAT, 64),

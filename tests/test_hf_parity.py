@@ -48,10 +48,12 @@ def test_prompt_logits_match(case, make_processor) -> None:
         assert_logits_close(got, expected[f"logits_{i}"])
 
 
-def test_cached_decode_logits_match(case, make_processor) -> None:
-    """Per-step logits of transformers' greedy generation, through our paged decode path."""
+@pytest.mark.parametrize("batch_invariant", [False, True], ids=["default", "batch-invariant"])
+def test_cached_decode_logits_match(case, make_processor, batch_invariant: bool) -> None:
+    """Per-step logits of transformers' greedy generation, through our paged decode path
+    (in both engine modes: batch-invariant mode changes products' kernels, not the math)."""
     model_dir, expected = case
-    processor = make_processor(model_dir)
+    processor = make_processor(model_dir, batch_invariant=batch_invariant)
     for i in range(4):
         prompt, greedy = expected[f"prompt_{i}"].tolist(), expected[f"greedy_{i}"].tolist()
         got = engine_logits(processor, prompt + greedy[:-1], prefill_len=len(prompt), chunk=CHUNK)

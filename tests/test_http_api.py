@@ -371,6 +371,82 @@ def sse_events(reply: httpx.Response) -> list[str]:
     return [e[len("data: ") :] for e in events]
 
 
+def test_completions_logprobs_through_the_sdk(
+    client: OpenAI, server: RunningServer, model_id: str
+) -> None:
+    """Legacy `logprobs: n`: tokens, token_logprobs, top_logprobs (n + the sampled one) and
+    text_offset, the same streamed and not, and gRPC's values."""
+    common = dict(model=model_id, prompt=[5, 6, 7, 8], max_tokens=6, temperature=0)
+    whole = client.completions.create(**common, logprobs=3, extra_body=IGNORE_EOS).choices[0]
+    lp = whole.logprobs
+    assert lp is not None and len(lp.tokens) == len(lp.token_logprobs) == 6
+    offsets = [0]
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert 3 <= len(top) <= 4 and top[token] == value  # greedy: the top one
+        assert value == max(top.values())
+        offsets.append(offsets[-1] + len(token))
+    assert lp.text_offset == offsets[:-1]
+    chunks = client.completions.create(**common, logprobs=3, stream=True, extra_body=IGNORE_EOS)
+    parts = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == lp.tokens
+    assert [v for p in parts for v in p.token_logprobs] == lp.token_logprobs
+    assert [o for p in parts for o in p.text_offset] == lp.text_offset  # continued per chunk
+    assert client.completions.create(**common).choices[0].logprobs is None
+    grpc = server.stub().Generate(
+        pb.GenerateRequest(prompt_token_ids=[5, 6, 7, 8], max_new_tokens=6, ignore_eos=True,
+                           logprobs=True, top_logprobs=3),
+        timeout=60,
+    )  # fmt: skip
+    values = [e.logprob for c in grpc for e in c.logprobs]
+    np.testing.assert_allclose(lp.token_logprobs, values, rtol=0, atol=1e-5)
+
+
+def test_chat_logprobs_through_the_sdk(client: OpenAI, model_id: str) -> None:
+    """`logprobs: true` + `top_logprobs`: choices[].logprobs.content, one entry per token,
+    the same streamed and not; without top_logprobs the alternatives are empty."""
+    common = dict(model=model_id, messages=HELLO, max_tokens=7, temperature=0)
+    answer = client.chat.completions.create(
+        **common, logprobs=True, top_logprobs=2, extra_body=IGNORE_EOS
+    )
+    content = answer.choices[0].logprobs.content
+    assert len(content) == answer.usage.completion_tokens == 7
+    for entry in content:
+        assert isinstance(entry.token, str) and entry.bytes is not None
+        assert [t.logprob for t in entry.top_logprobs] == sorted(
+            (t.logprob for t in entry.top_logprobs), reverse=True
+        )
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].logprob == entry.logprob
+    stream = client.chat.completions.create(
+        **common, logprobs=True, top_logprobs=2, stream=True, extra_body=IGNORE_EOS,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    streamed = [
+        e
+        for c in stream
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+    bare = client.chat.completions.create(**common, logprobs=True, extra_body=IGNORE_EOS)
+    assert all(e.top_logprobs == [] for e in bare.choices[0].logprobs.content)
+    assert [e.logprob for e in bare.choices[0].logprobs.content] == [e.logprob for e in content]
+    assert client.chat.completions.create(**common).choices[0].logprobs is None
+
+
+def test_penalties_through_the_sdk_are_the_engines(
+    client: OpenAI, model_id: str, make_processor, model_tokenizer
+) -> None:
+    penalties = dict(frequency_penalty=1.5, presence_penalty=0.5)
+    body = dict(model=model_id, prompt=[9, 9, 9], max_tokens=10, temperature=0)
+    extra = {**IGNORE_EOS, "repetition_penalty": 1.3}  # shoal's extra field
+    text = client.completions.create(**body, **penalties, extra_body=extra).choices[0].text
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True, repetition_penalty=1.3, **penalties)
+    want = run_to_completion(make_processor(), [Request("p", [9, 9, 9], params)])["p"]
+    assert text == model_tokenizer.decode(want.token_ids)
+    plain = client.completions.create(**body, extra_body=IGNORE_EOS).choices[0].text
+    assert text != plain  # the penalties mattered
+
+
 def test_sse_framing_of_both_streams(server: RunningServer, model_id: str) -> None:
     bodies = {
         "/v1/completions": {"prompt": ["a", "b"], "max_tokens": 4},
@@ -415,8 +491,12 @@ BAD_REQUESTS = [  # (route, body, the param the error names, words in its messag
     (COMPLETIONS, {"prompt": "x", "priority": "URGENT"}, "priority", "priority"),
     (COMPLETIONS, {"prompt": "x", "stop": ["a"] * 17}, "stop", "stop"),
     (COMPLETIONS, {"prompt": "x", "stop": [1]}, "stop[0]", "string"),
-    (COMPLETIONS, {"prompt": "x", "logprobs": 1}, "logprobs", "not supported yet"),
-    (COMPLETIONS, {"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty", "not supported"),
+    (COMPLETIONS, {"prompt": "x", "logprobs": 21}, "logprobs", "logprobs must be in [0, 20]"),
+    (COMPLETIONS, {"prompt": "x", "logprobs": -1}, "logprobs", "logprobs must be in [0, 20]"),
+    (COMPLETIONS, {"prompt": "x", "logprobs": True}, "logprobs", "integer"),
+    (COMPLETIONS, {"prompt": "x", "frequency_penalty": 2.5}, "frequency_penalty", "[-2, 2]"),
+    (COMPLETIONS, {"prompt": "x", "repetition_penalty": -1}, "repetition_penalty", "[0.01, 100]"),
+    (COMPLETIONS, {"prompt": "x", "repetition_penalty": 101}, "repetition_penalty", "100"),
     (COMPLETIONS, {"prompt": "x", "echo": True}, "echo", "not supported"),
     (
         COMPLETIONS,
@@ -433,8 +513,10 @@ BAD_REQUESTS = [  # (route, body, the param the error names, words in its messag
     (COMPLETIONS, {"prompt": [1] * 2040, "max_tokens": 20}, "prompt", "context"),
     (COMPLETIONS, {"prompt": "\ud800"}, "prompt", "surrogate"),
     (COMPLETIONS, {"max_tokens": 3}, "prompt", "required"),
-    (CHAT, {"messages": HELLO, "logprobs": True}, "logprobs", "not supported yet"),
-    (CHAT, {"messages": HELLO, "presence_penalty": 0.5}, "presence_penalty", "not supported yet"),
+    (CHAT, {"messages": HELLO, "top_logprobs": 2}, "top_logprobs", "needs logprobs to be true"),
+    (CHAT, {"messages": HELLO, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "[0, 20]"),
+    (CHAT, {"messages": HELLO, "logprobs": 1}, "logprobs", "boolean"),
+    (CHAT, {"messages": HELLO, "presence_penalty": -2.5}, "presence_penalty", "[-2, 2]"),
     (CHAT, {"messages": HELLO, "max_completion_tokens": 0}, "max_completion_tokens", "[1,"),
     (CHAT, {"messages": HELLO, "max_tokens": -3}, "max_tokens", "max_tokens"),
     (CHAT, {"messages": []}, "messages", "empty"),
@@ -509,8 +591,8 @@ def test_the_sdk_raises_its_own_classes_for_400_and_404(client: OpenAI, model_id
     assert bad.value.status_code == 400 and bad.value.param == "temperature"
     assert bad.value.type == "invalid_request_error"
     with pytest.raises(openai.BadRequestError) as bad:
-        client.chat.completions.create(model=model_id, messages=HELLO, frequency_penalty=0.5)
-    assert bad.value.param == "frequency_penalty" and "not supported yet" in bad.value.message
+        client.chat.completions.create(model=model_id, messages=HELLO, frequency_penalty=2.5)
+    assert bad.value.param == "frequency_penalty" and "[-2, 2]" in bad.value.message
     with pytest.raises(openai.NotFoundError) as missing:
         client.completions.create(model="gpt-5", prompt="x")
     assert missing.value.code == "model_not_found"
@@ -709,3 +791,14 @@ def test_the_real_model_answers_through_the_sdk(
     stopped = client.chat.completions.create(**common, stop=["Paris"]).choices[0]
     assert stopped.finish_reason == "stop"
     assert stopped.message.content == text[: text.find("Paris")]
+    # Logprobs: each token's bytes, joined, are the answer (the model's own vocabulary), then
+    # the end-of-turn token it stopped on (generated, so listed; its text is not content).
+    # Greedy: every token is the most likely one.
+    scored = client.chat.completions.create(**common, logprobs=True, top_logprobs=2).choices[0]
+    assert scored.message.content == text
+    content = scored.logprobs.content
+    assert b"".join(bytes(e.bytes) for e in content[:-1]).decode() == text
+    assert content[-1].token == "<|im_end|>"
+    assert "Paris" in [e.token.strip() for e in content]
+    assert all(e.top_logprobs[0].token == e.token for e in content)
+    assert all(e.top_logprobs[0].logprob == e.logprob <= 0 for e in content)

@@ -113,10 +113,9 @@ COMMON = {
     "stop": TEXT | st.lists(TEXT, max_size=18),
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
-    "frequency_penalty": st.sampled_from([0, 0.0, 0.5]),
-    "presence_penalty": st.sampled_from([0, 0.0, -1.5]),
-    "repetition_penalty": st.sampled_from([1, 1.0, 1.2]),
-    "top_logprobs": st.integers(0, 3),
+    "frequency_penalty": st.floats(-3, 3) | st.sampled_from([0, 2, math.nan, -math.inf]),
+    "presence_penalty": st.floats(-3, 3) | st.sampled_from([0, -2, math.nan, math.inf]),
+    "repetition_penalty": st.floats(-1, 120) | st.sampled_from([0, 1, 1.2, 0.01, math.nan]),
     "priority": st.sampled_from(["HIGH", "normal", "PRIORITY_LOW", "", 0, 1, 3, 9]) | TEXT,
     "ignore_eos": st.booleans(),
 }
@@ -126,7 +125,7 @@ FIELDS = {
         "prompt": st.one_of(
             TEXT, st.lists(TEXT, max_size=3), TOKEN_IDS, st.lists(TOKEN_IDS, max_size=3)
         ),
-        "logprobs": st.integers(0, 2),
+        "logprobs": st.integers(-1, 22) | HUGE_INTS,
         "echo": st.booleans(),
     },
     "/v1/chat/completions": {
@@ -134,6 +133,7 @@ FIELDS = {
         "messages": st.lists(MESSAGE, max_size=3) | st.lists(ODD_MESSAGE | JUNK, max_size=3),
         "max_completion_tokens": st.integers(-2, 5000) | HUGE_INTS,
         "logprobs": st.booleans(),
+        "top_logprobs": st.integers(-1, 22) | HUGE_INTS,
     },
 }
 

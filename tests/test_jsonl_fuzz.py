@@ -97,11 +97,17 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "ignore_eos": st.booleans(),
     "priority": st.sampled_from(["HIGH", "low", "PRIORITY_NORMAL", "URGENT", "", 0, 3, 9, -1]),
     "min_p": FLOAT,
+    "repetition_penalty": FLOAT,
+    "frequency_penalty": FLOAT,
+    "presence_penalty": FLOAT,
+    "logprobs": st.booleans(),
+    "top_logprobs": UINT32 | st.integers(-3, 0),
     "messages": st.lists(MESSAGE, max_size=3) | st.lists(JUNK, max_size=2),
 }
 CAMEL = {"prompt_token_ids": "promptTokenIds", "max_new_tokens": "maxNewTokens",
          "request_id": "requestId", "stop_token_ids": "stopTokenIds", "ignore_eos": "ignoreEos",
-         "top_k": "topK", "top_p": "topP", "min_p": "minP"}  # fmt: skip
+         "top_k": "topK", "top_p": "topP", "min_p": "minP", "top_logprobs": "topLogprobs",
+         "repetition_penalty": "repetitionPenalty"}  # fmt: skip
 
 
 def _count(value: Any) -> bool:

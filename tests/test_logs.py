@@ -65,6 +65,7 @@ def test_request_fields_summarise_a_finished_request() -> None:
     state = RequestState("r1", 1, request, _Text(), arrival=100.0)  # type: ignore[arg-type]
     state.dispatched_at, state.worker = 100.010, 1
     state.token_ids = [5, 6]
+    state.cached_prompt_tokens = 0
     state.first_token_at = 100.030
     state.finish(FinishReason.LENGTH)
     state.finished_at = 100.050
@@ -74,6 +75,7 @@ def test_request_fields_summarise_a_finished_request() -> None:
         "priority": "high",
         "prompt_tokens": 3,
         "completion_tokens": 2,
+        "cached_prompt_tokens": 0,
         "queue_ms": pytest.approx(10),
         "ttft_ms": pytest.approx(30),
         "total_ms": pytest.approx(50),
@@ -88,6 +90,7 @@ def test_request_fields_summarise_a_finished_request() -> None:
     queued.finished_at = 100.5
     fields = request_fields(queued)
     assert (fields["worker"], fields["ttft_ms"], fields["error"]) == (None, None, "UNAVAILABLE")
+    assert fields["cached_prompt_tokens"] is None
     assert fields["queue_ms"] == fields["total_ms"] == pytest.approx(500)
 
 

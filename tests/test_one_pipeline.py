@@ -42,6 +42,7 @@ def serve(model: Path, tmp_path: Path, lines: list[dict]) -> list[dict]:
             "usage": {
                 "prompt_tokens": chunks[-1].usage.prompt_tokens,
                 "completion_tokens": chunks[-1].usage.completion_tokens,
+                "cached_prompt_tokens": chunks[-1].usage.cached_prompt_tokens,
             },
         }
 

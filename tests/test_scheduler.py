@@ -1,8 +1,11 @@
-"""Scheduler with a real BlockAllocator and hand-made Sequences; no model.
+"""Scheduler with a real BlockManager and hand-made Sequences; no model.
 
 A "step" here does what BatchProcessor.update_states does after the forward pass:
-decodes and prefill chunks advance `num_computed`, and every sequence whose K/V
-is now complete (a decode, or a chunk that ends its tokens) gets one new token.
+decodes and prefill chunks advance `num_computed`, their full blocks are offered
+to the prefix cache, and every sequence whose K/V is now complete (a decode, or a
+chunk that ends its tokens) gets one new token. These tests run with prefix
+caching off (every prompt here starts 1, 2, 3...); tests/test_prefix_cache.py has
+it on.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ import random
 
 import pytest
 
+from worker.block_manager import BlockManager
 from worker.channel.types import Priority, SamplingParams
-from worker.kv_cache import BlockAllocator, blocks_for
+from worker.kv_cache import blocks_for
 from worker.scheduler import ScheduledBatch, Scheduler
 from worker.sequence import Sequence
 
@@ -21,10 +25,10 @@ HIGH, NORMAL, LOW = Priority.HIGH, Priority.NORMAL, Priority.LOW
 
 
 def make(
-    num_blocks: int = 64, max_batch_size: int = 8, budget: int = 64
-) -> tuple[Scheduler, BlockAllocator]:
-    allocator = BlockAllocator(num_blocks)
-    return Scheduler(allocator, BS, max_batch_size, budget), allocator
+    num_blocks: int = 64, max_batch_size: int = 8, budget: int = 64, prefix_caching: bool = False
+) -> tuple[Scheduler, BlockManager]:
+    blocks = BlockManager(num_blocks, BS, prefix_caching)
+    return Scheduler(blocks, BS, max_batch_size, budget), blocks
 
 
 def seq(handle: int, prompt_len: int, priority: Priority = NORMAL) -> Sequence:
@@ -43,6 +47,9 @@ def step(scheduler: Scheduler) -> ScheduledBatch:
         s.generated.append(7)
     for s, chunk in batch.prefills:
         s.num_computed += chunk
+    for s in [*batch.decodes, *(s for s, _ in batch.prefills)]:
+        scheduler.block_manager.cache_computed(s)
+    for s, _ in batch.prefills:
         if s.num_computed == s.current_length:
             s.generated.append(7)
     return batch
@@ -56,7 +63,7 @@ def running_with(
     s.generated = [7] * generated
     s.num_computed = s.current_length - 1
     needed = blocks if blocks is not None else blocks_for(s.num_computed, BS)
-    s.block_table = scheduler.allocator.allocate(needed)
+    s.block_table = scheduler.block_manager.allocate(needed)
     scheduler.running.append(s)
     return s
 
@@ -66,11 +73,26 @@ def held_blocks(scheduler: Scheduler) -> list[int]:
 
 
 def check_blocks(scheduler: Scheduler) -> None:
-    """No block is held twice or lost: held + free == total; waiting sequences hold none."""
+    """No block is lost or counted wrong: each block's reference count is the number of
+    running sequences holding it (no sequence holds one twice); a block nobody holds is
+    free or cached, never both; held + free (incl. cached) == total; waiting sequences
+    hold none; the hash table and the blocks' hashes agree."""
+    blocks = scheduler.block_manager
     held = held_blocks(scheduler)
-    assert len(held) == len(set(held))
-    assert len(held) + scheduler.allocator.num_free == scheduler.allocator.num_blocks
-    assert scheduler.allocator.num_used == len(held)
+    for s in scheduler.running:
+        assert len(s.block_table) == len(set(s.block_table))
+    counts = {b: held.count(b) for b in set(held)}
+    assert [blocks.ref_count[b] for b in range(blocks.num_blocks)] == [
+        counts.get(b, 0) for b in range(blocks.num_blocks)
+    ]
+    free, cached = set(blocks._free), set(blocks._evictable)
+    assert len(free) == len(blocks._free) and not free & cached and not free & counts.keys()
+    assert not cached & counts.keys()
+    assert len(counts) + blocks.num_free == blocks.num_blocks
+    assert blocks.num_used == len(counts)
+    assert all(blocks.hash_of[b] is None for b in free)
+    assert all(blocks.hash_of[b] is not None for b in cached)
+    assert {h: b for b, h in enumerate(blocks.hash_of) if h is not None} == blocks.cached
     assert all(not s.block_table for s in scheduler.waiting)
 
 
@@ -130,11 +152,11 @@ def test_no_more_running_sequences_than_slots() -> None:
 def test_watermark_is_kept_back_only_while_others_run() -> None:
     assert make(num_blocks=300)[0].watermark == 3  # 1 % of the pool
     assert make(num_blocks=50)[0].watermark == 1  # at least one block
-    scheduler, allocator = make(num_blocks=8)
+    scheduler, blocks = make(num_blocks=8)
     whole = seq(0, 8 * BS)  # every block: an idle engine takes it
     scheduler.add(whole)
     scheduler.schedule()
-    assert handles(scheduler.running) == [0] and allocator.num_free == 0
+    assert handles(scheduler.running) == [0] and blocks.num_free == 0
     scheduler.remove(whole)
 
     scheduler.add(seq(1, 2))  # 1 block, 7 left
@@ -147,17 +169,17 @@ def test_watermark_is_kept_back_only_while_others_run() -> None:
     fits = seq(3, 6 * BS)  # 6 blocks: one stays free
     scheduler.add(fits)
     scheduler.schedule()
-    assert handles(scheduler.running) == [1, 3] and allocator.num_free == 1
+    assert handles(scheduler.running) == [1, 3] and blocks.num_free == 1
     check_blocks(scheduler)
 
 
 def test_free_kv_tokens_counts_what_waiting_sequences_will_take() -> None:
-    scheduler, allocator = make(num_blocks=8)
+    scheduler, blocks = make(num_blocks=8)
     assert scheduler.free_kv_tokens() == 8 * BS
     scheduler.add(seq(0, 2 * BS))  # 2 blocks
     assert scheduler.free_kv_tokens() == 6 * BS  # waiting: counted already
     scheduler.schedule()
-    assert allocator.num_free == 6 and scheduler.free_kv_tokens() == 6 * BS  # now held
+    assert blocks.num_free == 6 and scheduler.free_kv_tokens() == 6 * BS  # now held
     scheduler.add(seq(1, 2 * BS + 1))  # 3 blocks
     assert scheduler.free_kv_tokens() == 3 * BS
     scheduler.add(seq(2, 5 * BS))  # 5 more than are free: none left, not negative
@@ -166,7 +188,7 @@ def test_free_kv_tokens_counts_what_waiting_sequences_will_take() -> None:
 
 # -- a step: decodes, their blocks, preemption, prefill chunks ---------------------------------
 def test_decodes_grow_their_block_table_one_block_at_a_time() -> None:
-    scheduler, allocator = make()
+    scheduler, blocks = make()
     s = seq(0, BS)  # fills its one block exactly
     scheduler.add(s)
     batch = step(scheduler)
@@ -174,22 +196,22 @@ def test_decodes_grow_their_block_table_one_block_at_a_time() -> None:
     assert len(s.block_table) == 1 and s.generated == [7]
     batch = step(scheduler)  # the K/V of token BS goes into a new block
     assert batch.decodes == [s] and batch.prefills == []
-    assert len(s.block_table) == 2 and allocator.num_used == 2
+    assert len(s.block_table) == 2 and blocks.num_used == 2
     for _ in range(BS - 1):  # the rest of that block
         step(scheduler)
         assert len(s.block_table) == 2
     step(scheduler)
-    assert len(s.block_table) == 3 and allocator.num_used == 3
+    assert len(s.block_table) == 3 and blocks.num_used == 3
     assert len(s.block_table) * BS > s.num_computed - 1  # every computed token has a slot
     check_blocks(scheduler)
 
 
 def test_out_of_blocks_preempts_the_lowest_ranked_running_sequence() -> None:
-    scheduler, allocator = make(num_blocks=3)
+    scheduler, blocks = make(num_blocks=3)
     grows = running_with(scheduler, seq(0, 4), generated=1)  # 4 tokens computed: needs a block
     victim = running_with(scheduler, seq(1, 2, LOW), generated=1)  # a lower class
     later = running_with(scheduler, seq(2, 2), generated=1)  # arrived last, but NORMAL
-    assert allocator.num_free == 0
+    assert blocks.num_free == 0
     batch = scheduler.schedule()
     assert batch.decodes == [grows, later]
     assert len(grows.block_table) == 2
@@ -210,15 +232,15 @@ def test_out_of_blocks_preempts_the_lowest_ranked_running_sequence() -> None:
 
 
 def test_a_sequence_that_is_itself_the_lowest_ranked_preempts_itself() -> None:
-    scheduler, allocator = make(num_blocks=2)
+    scheduler, blocks = make(num_blocks=2)
     keeps = running_with(scheduler, seq(0, 2), generated=1)  # 2 of 4 slots used: no new block
     needs = running_with(scheduler, seq(1, 4), generated=1)  # 4 computed: needs a 2nd block
-    assert allocator.num_free == 0
+    assert blocks.num_free == 0
     batch = scheduler.schedule()
     assert batch.decodes == [keeps] and batch.prefills == []
     assert handles(scheduler.running) == [0] and handles(scheduler.waiting) == [1]
     assert needs.preempted and needs.block_table == [] and scheduler.num_preemptions == 1
-    assert allocator.num_free == 1
+    assert blocks.num_free == 1
     check_blocks(scheduler)
 
 
@@ -258,17 +280,17 @@ def test_prefill_is_chunked_under_the_token_budget_besides_the_decodes() -> None
 
 
 def test_remove_a_waiting_or_a_running_sequence() -> None:
-    scheduler, allocator = make(max_batch_size=1)
+    scheduler, blocks = make(max_batch_size=1)
     first, second = seq(0, 6), seq(1, 3)
     scheduler.add(first)
     scheduler.add(second)
     step(scheduler)
-    assert handles(scheduler.running) == [0] and allocator.num_used == 2
+    assert handles(scheduler.running) == [0] and blocks.num_used == 2
     scheduler.remove(second)  # waiting: holds nothing
-    assert scheduler.waiting == [] and allocator.num_used == 2
+    assert scheduler.waiting == [] and blocks.num_used == 2
     scheduler.remove(first)  # running: its blocks and its slot come back at once
     assert scheduler.running == [] and first.block_table == []
-    assert allocator.num_free == allocator.num_blocks
+    assert blocks.num_free == blocks.num_blocks
     with pytest.raises(ValueError):
         scheduler.remove(first)  # gone from both lists
     assert scheduler.schedule().empty
@@ -278,7 +300,7 @@ def test_remove_a_waiting_or_a_running_sequence() -> None:
 def test_blocks_never_leak_under_random_load(seed: int) -> None:
     """Many sequences through a tight pool: admissions, growth, preemptions, cancels."""
     rng = random.Random(seed)
-    scheduler, allocator = make(num_blocks=24, max_batch_size=6, budget=10)
+    scheduler, blocks = make(num_blocks=24, max_batch_size=6, budget=10)
     wanted: dict[int, int] = {}  # handle -> tokens to generate
     live: list[Sequence] = []
     for h in range(40):
@@ -305,5 +327,5 @@ def test_blocks_never_leak_under_random_load(seed: int) -> None:
                 live.remove(s)
         check_blocks(scheduler)
     assert scheduler.running == [] and scheduler.waiting == []
-    assert allocator.num_free == allocator.num_blocks and allocator.num_used == 0
+    assert blocks.num_free == blocks.num_blocks and blocks.num_used == 0
     assert scheduler.num_preemptions > 0  # the pool was tight enough to matter

@@ -90,6 +90,19 @@ def test_every_field_has_a_flag_and_an_env_variable() -> None:
     assert (config.drain_grace_s, config.ring_mb) == (6, 1)
 
 
+def test_prefix_caching_is_on_unless_turned_off_by_flag_or_env() -> None:
+    assert ServerConfig.from_args(["--model", "m"], {}).engine.prefix_caching
+    off = ServerConfig.from_args(["--model", "m", "--no-prefix-caching"], {})
+    assert not off.prefix_caching and not off.engine.prefix_caching
+    for value, expected in [("0", False), ("off", False), ("False", False), ("1", True)]:
+        config = ServerConfig.from_args(["--model", "m"], {"PREFIX_CACHING": value})
+        assert config.engine.prefix_caching is expected
+    on = ServerConfig.from_args(["--model", "m", "--prefix-caching"], {"PREFIX_CACHING": "0"})
+    assert on.prefix_caching  # the flag wins over the env
+    with pytest.raises(SystemExit):
+        ServerConfig.from_args(["--model", "m"], {"PREFIX_CACHING": "maybe"})
+
+
 def test_model_is_required() -> None:
     with pytest.raises(SystemExit):
         ServerConfig.from_args([], {})

@@ -56,7 +56,7 @@ def check_kv(processor: BatchProcessor) -> None:
     sequence holds exactly the blocks of its computed tokens (rejected drafts' are back)."""
     scheduler = processor.scheduler
     held = [b for s in scheduler.running for b in s.block_table]
-    assert len(held) == len(set(held)) == scheduler.allocator.num_used
+    assert len(held) == len(set(held)) == scheduler.block_manager.num_used
     for seq in scheduler.running:
         if seq.generated and seq.num_pending == 1:
             assert len(seq.block_table) == blocks_for(seq.num_computed, scheduler.block_size)

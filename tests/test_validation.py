@@ -69,6 +69,11 @@ def test_valid_request_round_trip(tokenizer: Tokenizer) -> None:
         stop_token_ids=[0, 7],
         ignore_eos=True,
         priority=pb.PRIORITY_HIGH,
+        repetition_penalty=1.25,
+        frequency_penalty=-0.5,
+        presence_penalty=2.0,
+        logprobs=True,
+        top_logprobs=20,
     )
     assert validate(req, LIMITS, tokenizer) == ValidatedRequest(
         request_id="r-1",
@@ -82,6 +87,11 @@ def test_valid_request_round_trip(tokenizer: Tokenizer) -> None:
             seed=1234,
             stop_token_ids=(0, 7),
             ignore_eos=True,
+            repetition_penalty=1.25,
+            frequency_penalty=-0.5,
+            presence_penalty=2.0,
+            logprobs=True,
+            top_logprobs=20,
         ),
         priority=Priority.HIGH,
         stop=("\n\n", "🙂"),
@@ -117,6 +127,27 @@ def test_unset_seed_is_drawn_and_top_p_zero_means_off(tokenizer: Tokenizer) -> N
     assert validate(request(seed=0), LIMITS, tokenizer).params.seed == 0  # set, even if 0
 
 
+def test_penalties_off_values_and_logprobs_defaults(tokenizer: Tokenizer) -> None:
+    """repetition_penalty 0 (unset) and 1 are both off (1.0 to the engine); logprobs off."""
+    for value in (0.0, 1.0):
+        params = validate(request(repetition_penalty=value), LIMITS, tokenizer).params
+        assert params.repetition_penalty == 1.0 and not params.penalized
+    params = validate(request(), LIMITS, tokenizer).params
+    assert (params.frequency_penalty, params.presence_penalty) == (0.0, 0.0)
+    assert not params.logprobs and params.top_logprobs == 0
+    params = validate(request(logprobs=True), LIMITS, tokenizer).params
+    assert params.logprobs and params.top_logprobs == 0  # the sampled token's only
+
+
+def test_top_logprobs_past_a_tiny_vocab(tokenizer: Tokenizer) -> None:
+    tiny = Limits(vocab_size=12, max_context=100, max_new_tokens_limit=50)
+    req = request(prompt_token_ids=[1], logprobs=True, top_logprobs=13)
+    with pytest.raises(InvalidRequest, match=r"top_logprobs must be in \[0, 12\] \(got 13\)"):
+        validate(req, tiny, tokenizer)
+    req = request(prompt_token_ids=[1], logprobs=True, top_logprobs=12)
+    assert validate(req, tiny, tokenizer).params.top_logprobs == 12
+
+
 def test_limits_are_inclusive(tokenizer: Tokenizer) -> None:
     req = request(
         request_id="x" * 128,
@@ -126,9 +157,17 @@ def test_limits_are_inclusive(tokenizer: Tokenizer) -> None:
         top_p=1.0,
         stop=["s" * 256] * 16,
         stop_token_ids=[511] * 64,
+        repetition_penalty=100.0,
+        frequency_penalty=-2.0,
+        presence_penalty=2.0,
+        logprobs=True,
+        top_logprobs=20,
     )
     valid = validate(req, LIMITS, tokenizer)
     assert len(valid.prompt_ids) == 50 and len(valid.stop) == 16
+    assert valid.params.repetition_penalty == 100.0 and valid.params.top_logprobs == 20
+    low = validate(request(repetition_penalty=0.01, frequency_penalty=2.0), LIMITS, tokenizer)
+    assert low.params.repetition_penalty == pytest.approx(0.01)
 
 
 @pytest.mark.parametrize(
@@ -155,6 +194,17 @@ def test_limits_are_inclusive(tokenizer: Tokenizer) -> None:
         ({"min_p": 1.5}, ["min_p", "[0, 1]"]),
         ({"min_p": float("nan")}, ["min_p", "[0, 1]"]),
         ({"top_k": 513}, ["top_k", "512"]),
+        ({"repetition_penalty": -1.0}, ["repetition_penalty", "0 (off)", "[0.01, 100]", "-1"]),
+        ({"repetition_penalty": 0.005}, ["repetition_penalty", "[0.01, 100]", "0.005"]),
+        ({"repetition_penalty": 100.5}, ["repetition_penalty", "[0.01, 100]", "100.5"]),
+        ({"repetition_penalty": float("inf")}, ["repetition_penalty", "[0.01, 100]", "inf"]),
+        ({"repetition_penalty": float("nan")}, ["repetition_penalty", "[0.01, 100]", "nan"]),
+        ({"frequency_penalty": 2.5}, ["frequency_penalty", "[-2, 2]", "2.5"]),
+        ({"frequency_penalty": float("nan")}, ["frequency_penalty", "[-2, 2]", "nan"]),
+        ({"presence_penalty": -2.5}, ["presence_penalty", "[-2, 2]", "-2.5"]),
+        ({"presence_penalty": float("-inf")}, ["presence_penalty", "[-2, 2]", "-inf"]),
+        ({"logprobs": True, "top_logprobs": 21}, ["top_logprobs", "[0, 20]", "21"]),
+        ({"top_logprobs": 3}, ["top_logprobs", "needs logprobs", "true"]),
         ({"stop": ["a"] * 17}, ["stop", "17", "16"]),
         ({"stop": ["ok", "s" * 257]}, ["stop[1]", "257", "256"]),
         ({"stop": ["ok", ""]}, ["stop[1]", "1 to 256"]),
@@ -218,6 +268,32 @@ def test_json_edge_checks_types_and_names_unknown_fields(tokenizer: Tokenizer) -
             fields_from_json(obj)
 
 
+def test_json_edge_carries_logprobs_and_penalties(tokenizer: Tokenizer) -> None:
+    line = {
+        "prompt": "hi",
+        "max_new_tokens": 3,
+        "logprobs": True,
+        "topLogprobs": 2,  # proto JSON: lowerCamelCase too
+        "repetition_penalty": 1.5,
+        "frequencyPenalty": 0.5,
+        "presence_penalty": -1,
+    }
+    params = validate_fields(fields_from_json(line), LIMITS, tokenizer).params
+    assert params.logprobs and params.top_logprobs == 2
+    assert (params.repetition_penalty, params.frequency_penalty) == (1.5, 0.5)
+    assert params.presence_penalty == -1.0
+    for bad, words in (
+        ({"topLogprobs": 21}, "top_logprobs must be in [0, 20]"),
+        ({"logprobs": False}, "top_logprobs (2) needs logprobs"),
+        ({"presence_penalty": 3}, "presence_penalty must be in [-2, 2]"),
+    ):
+        with pytest.raises(InvalidRequest) as info:
+            validate_fields(fields_from_json({**line, **bad}), LIMITS, tokenizer)
+        assert words in str(info.value)
+    with pytest.raises(InvalidRequest, match="logprobs must be true or false"):
+        fields_from_json({**line, "logprobs": 1})
+
+
 @pytest.mark.parametrize(
     ("fields", "words"),
     [
@@ -229,6 +305,7 @@ def test_json_edge_checks_types_and_names_unknown_fields(tokenizer: Tokenizer) -
         ({"seed": str(2**64)}, ["seed", "2**64"]),
         ({"prompt_token_ids": [1, -2]}, ["prompt_token_ids[1]", "-2", "[0, 2**32)"]),
         ({"stop_token_ids": [-1]}, ["stop_token_ids[0]", "[0, 2**32)"]),
+        ({"top_logprobs": -1}, ["top_logprobs", "[0, 2**32)", "-1"]),
     ],
 )
 def test_values_the_proto_cannot_carry_are_refused_by_the_json_edge(

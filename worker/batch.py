@@ -2,6 +2,7 @@
 
     python -m worker.batch --model DIR --input IN.jsonl --output OUT.jsonl
         [--device auto|cpu|cuda] [--max-batch-size B] [--kv-cache-mb M]
+        [--no-prefix-caching]
 
 The same request pipeline as the server (server/frontend.py: one validation,
 the pending queue, one detokenizer and stop-string matcher) over the engine
@@ -12,7 +13,8 @@ json_format (server/proto_json.py): what grpcurl sends and `MessageToJson`
 writes (snake_case or camelCase names, "PRIORITY_HIGH", 64-bit integers as
 strings), plus the short priority names ("HIGH", "low"). Output lines, in
 input order, carry request_id, token_ids, text, finish_reason (the proto name,
-"FINISH_REASON_STOP") and usage: the proto JSON of one GenerateChunk holding
+"FINISH_REASON_STOP"), usage and, for a request that asked, logprobs (one
+{token_id, logprob, top} per token): the proto JSON of one GenerateChunk holding
 the whole completion. A bad line is answered with an `error` naming its line
 number and field; the rest still run.
 """
@@ -30,7 +32,12 @@ from typing import Any
 
 from server.config import ServerConfig
 from server.frontend import Frontend
-from server.proto_json import fields_from_proto, finish_reason_name, request_from_json
+from server.proto_json import (
+    fields_from_proto,
+    finish_reason_name,
+    logprobs_json,
+    request_from_json,
+)
 from server.requests import RequestError, RequestState
 from server.validation import InvalidRequest, validate
 from worker.batch_processor import BatchProcessor
@@ -74,6 +81,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     speculation.add_argument(
         "--prompt-lookup-min", type=int, default=int(os.environ.get("PROMPT_LOOKUP_MIN", 2))
     )
+    parser.add_argument(
+        "--batch-invariant",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="each request's logits bitwise independent of the batch (docs/batch-invariance.md)",
+    )
+    parser.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep and share the KV blocks of equal prompt prefixes (--no-prefix-caching: off)",
+    )
     return parser.parse_args(argv)
 
 
@@ -111,22 +130,31 @@ async def collect(state: RequestState, progress: ProgressBar) -> dict[str, Any]:
     """Follow one request to its end; its output record (or an error record)."""
     tokens: list[int] = []
     text: list[str] = []
+    logprobs = []
     try:
         async for chunk in state.follow(0):
             tokens += chunk.token_ids
             text.append(chunk.text)
+            logprobs += chunk.logprobs
             progress.update(tokens=len(chunk.token_ids))
     except RequestError as err:
         progress.update(done=1)
         return {"request_id": state.request_id, "error": str(err)}
     progress.update(done=1)
-    return {
+    record = {
         "request_id": state.request_id,
         "token_ids": tokens,
         "text": "".join(text),
         "finish_reason": finish_reason_name(state.finish_reason),
-        "usage": {"prompt_tokens": len(state.request.prompt_ids), "completion_tokens": len(tokens)},
+        "usage": {
+            "prompt_tokens": len(state.request.prompt_ids),
+            "completion_tokens": len(tokens),
+            "cached_prompt_tokens": state.cached_prompt_tokens or 0,
+        },
     }
+    if state.request.params.logprobs:
+        record["logprobs"] = logprobs_json(logprobs)
+    return record
 
 
 async def run(
@@ -217,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             draft_model=args.draft_model,
             prompt_lookup_max=args.prompt_lookup_max,
             prompt_lookup_min=args.prompt_lookup_min,
+            batch_invariant=args.batch_invariant,
+            prefix_caching=args.prefix_caching,
             max_queue_len=max(1, len(lines)),
             retention_count=max(1, len(lines)),
             batch_timeout_ms=0,

@@ -9,19 +9,30 @@ get_stats()       -> Status (the same record the worker sends the front)
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.backend import Backend, select_backend
+from worker.block_manager import BlockManager
 from worker.channel.messages import Status
-from worker.channel.types import EngineConfig, FinishReason, Priority, SamplingParams, TokenRecord
+from worker.channel.types import (
+    MAX_TOP_LOGPROBS,
+    EngineConfig,
+    FinishReason,
+    Priority,
+    SamplingParams,
+    TokenLogprob,
+    TokenRecord,
+)
 from worker.checkpoint import Checkpoint, load_checkpoint
 from worker.kv_cache import blocks_for, plan_kv_cache
 from worker.model_runner import ModelRunner
 from worker.scheduler import ScheduledBatch, Scheduler
 from worker.sequence import Sequence
+from worker.speculative import Verified
 from worker.speculator import Speculator
 
 log = logging.getLogger(__name__)
@@ -37,9 +48,10 @@ class BatchProcessor:
         self.max_seq_len = min(config.max_seq_len or context, context)
         self.layout = plan_kv_cache(checkpoint.config, config.kv_cache_mb, config.block_size)
         log.info("%s", self.layout.describe())
-        self.runner = ModelRunner(checkpoint, self.layout, backend)
+        self.runner = ModelRunner(checkpoint, self.layout, backend, config.batch_invariant)
+        blocks = BlockManager(self.layout.num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(
-            self.runner.cache.allocator,
+            blocks,
             config.block_size,
             config.max_batch_size,
             config.prefill_token_budget,
@@ -71,6 +83,11 @@ class BatchProcessor:
             raise ValueError(f"prompt_token_ids: token id {bad} is outside [0, {vocab})")
         if params.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be > 0")
+        top_limit = min(MAX_TOP_LOGPROBS, vocab)
+        if not 0 <= params.top_logprobs <= top_limit:
+            raise ValueError(f"top_logprobs must be in [0, {top_limit}]")
+        if not (math.isfinite(params.repetition_penalty) and params.repetition_penalty > 0):
+            raise ValueError("repetition_penalty must be finite and > 0")
         if len(generated) >= params.max_new_tokens:
             raise ValueError("generated tokens already reach max_new_tokens")
         if len(prompt_ids) + len(generated) >= self.max_seq_len:
@@ -116,7 +133,10 @@ class BatchProcessor:
         self.scheduler.remove(seq)
         if self.speculator is not None:
             self.speculator.release(seq)
-        return TokenRecord(handle, -1, seq.tokens_generated, FinishReason.CANCELLED)
+        cached = seq.cached_prompt_tokens
+        return TokenRecord(
+            handle, -1, seq.tokens_generated, FinishReason.CANCELLED, cached_prompt_tokens=cached
+        )
 
     def has_work(self) -> bool:
         return bool(self._by_handle)
@@ -129,49 +149,60 @@ class BatchProcessor:
         started = time.perf_counter()
         if self.speculator is not None:
             self.speculator.propose(batch, self.scheduler)
-        sampled, next_tokens, verified = self.runner.run(batch, self.speculator)
+        sampled, next_tokens, logprobs, verified = self.runner.run(batch, self.speculator)
         if self.speculator is not None:
             self.speculator.observe_step(batch, time.perf_counter() - started)
-        records = self.update_states(batch, sampled, next_tokens.tolist())
-        for seq, tokens in verified.items():
-            records += self.emit_verified(seq, len(batch.drafts[seq].tokens), tokens)
+        records = self.update_states(batch, sampled, next_tokens.tolist(), logprobs)
+        for seq, outcome in verified.items():
+            records += self.emit_verified(seq, len(batch.drafts[seq].tokens), outcome)
         self.compact()
         return records
 
     def update_states(
-        self, batch: ScheduledBatch, sampled: list[Sequence], next_tokens: list[int]
+        self,
+        batch: ScheduledBatch,
+        sampled: list[Sequence],
+        next_tokens: list[int],
+        logprobs: list[TokenLogprob | None] | None = None,
     ) -> list[TokenRecord]:
         for seq in batch.decodes:
             seq.num_computed += 1
         for seq, chunk in batch.prefills:
             seq.num_computed += chunk
+        for seq in [*batch.decodes, *(seq for seq, _ in batch.prefills)]:
+            self.scheduler.block_manager.cache_computed(seq)  # full blocks join the prefix cache
         records = []
-        for seq, token in zip(sampled, next_tokens, strict=True):
+        logprobs = logprobs or [None] * len(sampled)
+        for seq, token, logprob in zip(sampled, next_tokens, logprobs, strict=True):
             seq.generated.append(token)
             seq.finish_reason = self.finish_reason(seq, token)
+            index, cached = seq.tokens_generated - 1, seq.cached_prompt_tokens
             records.append(
-                TokenRecord(seq.handle, token, seq.tokens_generated - 1, seq.finish_reason)
+                TokenRecord(seq.handle, token, index, seq.finish_reason, logprob, cached)
             )
         self.total_tokens += len(sampled)
         return records
 
-    def emit_verified(self, seq: Sequence, drafted: int, tokens: list[int]) -> list[TokenRecord]:
+    def emit_verified(self, seq: Sequence, drafted: int, outcome: Verified) -> list[TokenRecord]:
         """A verified decode's tokens (accepted drafts, then one more), one by one: each is
         checked for a stop id, EOS and the length limits, and nothing after the first
-        finishing token is emitted. The K/V of rejected drafts is rolled back."""
+        finishing token is emitted. The K/V of rejected drafts is rolled back; the blocks
+        the emitted tokens filled join the prefix cache (rejected drafts' never do)."""
         records = []
-        for token in tokens:
+        for token, logprob in zip(outcome.tokens, outcome.logprobs, strict=True):
             seq.generated.append(token)
             seq.finish_reason = self.finish_reason(seq, token)
+            index, cached = seq.tokens_generated - 1, seq.cached_prompt_tokens
             records.append(
-                TokenRecord(seq.handle, token, seq.tokens_generated - 1, seq.finish_reason)
+                TokenRecord(seq.handle, token, index, seq.finish_reason, logprob, cached)
             )
             if not seq.active:
                 break
         seq.num_computed = seq.current_length - 1  # the last token's K/V comes next step
         self.scheduler.release_lookahead(seq)
+        self.scheduler.block_manager.cache_computed(seq)  # verified tokens' K/V only
         assert self.speculator is not None
-        self.speculator.record(seq, drafted, accepted=len(tokens) - 1)
+        self.speculator.record(seq, drafted, accepted=len(outcome.tokens) - 1)
         self.total_tokens += len(records)
         return records
 
@@ -196,18 +227,21 @@ class BatchProcessor:
     # -- introspection --------------------------------------------------------------
     def get_stats(self, adds_received: int = 0, add_tokens_received: int = 0) -> Status:
         """This engine's load, as the Status the worker reports after each step."""
-        scheduler, allocator = self.scheduler, self.scheduler.allocator
+        scheduler, blocks = self.scheduler, self.scheduler.block_manager
         return Status(
             running=len(scheduler.running),
             waiting=len(scheduler.waiting),
             max_batch_size=self.config.max_batch_size,
-            kv_blocks_used=allocator.num_used,
-            kv_blocks_total=allocator.num_blocks,
+            kv_blocks_used=blocks.num_used,
+            kv_blocks_total=blocks.num_blocks,
             kv_free_tokens=scheduler.free_kv_tokens(),
             total_tokens=self.total_tokens,
             preemptions=scheduler.num_preemptions,
             adds_received=adds_received,
             add_tokens_received=add_tokens_received,
+            kv_blocks_cached=blocks.num_cached,
+            prefix_cache_query_tokens=blocks.query_tokens,
+            prefix_cache_hit_tokens=blocks.hit_tokens,
             draft_tokens=self.speculator.draft_tokens if self.speculator else 0,
             accepted_draft_tokens=self.speculator.accepted_tokens if self.speculator else 0,
         )
@@ -228,6 +262,8 @@ class Completion:
     prompt_tokens: int
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason = FinishReason.NONE
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asked
+    cached_prompt_tokens: int = 0
 
 
 def run_to_completion(
@@ -250,6 +286,9 @@ def run_to_completion(
             done = by_handle[record.handle]
             done.token_ids.append(record.token_id)
             done.finish_reason = record.finish_reason
+            if record.logprob is not None:
+                done.logprobs.append(record.logprob)
+            done.cached_prompt_tokens = record.cached_prompt_tokens
         if on_records is not None:
             on_records(records)
     return {c.request_id: c for c in by_handle.values()}

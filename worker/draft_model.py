@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from worker.backend import Backend
+from worker.block_manager import BlockManager
 from worker.checkpoint import Checkpoint
 from worker.kv_cache import KVCacheLayout, blocks_for
 from worker.model_runner import ModelRunner
@@ -46,12 +47,19 @@ class _Shadow:
 
 class DraftModel:
     def __init__(
-        self, checkpoint: Checkpoint, layout: KVCacheLayout, backend: Backend, budget: int
+        self,
+        checkpoint: Checkpoint,
+        layout: KVCacheLayout,
+        backend: Backend,
+        budget: int,
+        batch_invariant: bool = False,
     ) -> None:
         """`budget`: tokens of its prompt one sequence's shadow may catch up on per step
-        (per sequence, so a sequence's drafts never depend on the others in its batch)."""
-        self.runner = ModelRunner(checkpoint, layout, backend)
-        self.allocator = self.runner.cache.allocator
+        (per sequence, so a sequence's drafts never depend on the others in its batch);
+        `batch_invariant`: its logits bitwise independent of the batch, as the model's."""
+        self.runner = ModelRunner(checkpoint, layout, backend, batch_invariant)
+        # Its own pool's bookkeeping; no prefix caching (a shadow's K/V is rolled back often).
+        self.allocator = BlockManager(layout.num_blocks, layout.block_size, False)
         self.block_size = layout.block_size
         self.context = checkpoint.config.max_position_embeddings
         self.budget = budget

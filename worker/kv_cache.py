@@ -1,9 +1,11 @@
 """Paged KV cache: one preallocated pool of fixed-size blocks per worker.
 
 A sequence owns a block table (a list of block ids); token t of the sequence
-lives in block `table[t // block_size]` at offset `t % block_size`. Blocks go
-back to the free list the moment a sequence finishes, is cancelled or is
-preempted, so memory follows the live tokens, not the longest possible ones.
+lives in block `table[t // block_size]` at offset `t % block_size`. Which block
+holds what, and who shares it, is worker/block_manager.py's bookkeeping: a
+sequence lets go of its blocks the moment it finishes, is cancelled or is
+preempted, so memory follows the live tokens (and the cached prefixes kept in
+what is left), not the longest possible ones.
 """
 
 from __future__ import annotations
@@ -17,35 +19,6 @@ from worker.backend import Backend
 from worker.model_config import ModelConfig, kv_bytes_per_token
 
 Array = Any
-
-
-class BlockAllocator:
-    """Free list of block ids; pure bookkeeping, no arrays.
-
-    Last freed, first reused: recently written blocks are still in the CPU cache.
-    """
-
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
-
-    def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise MemoryError(f"asked for {count} KV blocks, {len(self._free)} free")
-        taken = self._free[len(self._free) - count :]
-        del self._free[len(self._free) - count :]
-        return taken[::-1]
-
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -82,7 +55,7 @@ def plan_kv_cache(config: ModelConfig, kv_cache_mb: float, block_size: int) -> K
 
 
 class KVCache:
-    """Device arrays of the pool plus the allocator that hands out their blocks."""
+    """Device arrays of the pool (worker/block_manager.py hands out their blocks)."""
 
     def __init__(self, config: ModelConfig, layout: KVCacheLayout, backend: Backend) -> None:
         self.layout = layout
@@ -93,7 +66,6 @@ class KVCache:
         # decode steps do not pay page faults as sequences grow into new blocks.
         self.k = [self._filled(backend, shape) for _ in range(config.num_layers)]
         self.v = [self._filled(backend, shape) for _ in range(config.num_layers)]
-        self.allocator = BlockAllocator(layout.num_blocks)
 
     @staticmethod
     def _filled(backend: Backend, shape: tuple[int, ...]) -> Array:

@@ -4,6 +4,12 @@ A step's tokens are laid out as one (T, hidden) matrix: first one row per
 decoding sequence, then the rows of each prefill chunk. Every projection is
 one matmul over all T rows; only attention looks at sequence boundaries.
 Logits are computed only for the rows that will be sampled.
+
+With `batch_invariant`, a row's logits are bitwise the same whatever else
+runs in the step and however its sequence was chunked, preempted or resumed:
+every product goes through the same BLAS kernel (worker/matmul.py) and
+attention uses fixed-width tiles (worker/attention.py). Every other operation
+here is per row already (docs/batch-invariance.md).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from worker.attention import paged_attention
 from worker.backend import Backend
 from worker.checkpoint import ModelWeights
 from worker.kv_cache import KVCache
+from worker.matmul import matmul, weight_min_rows
 from worker.model_config import ModelConfig, rope_inv_freq
 
 Array = Any
@@ -57,8 +64,15 @@ def silu(xp: Any, x: Array) -> Array:
 
 
 class LlamaModel:
-    def __init__(self, config: ModelConfig, weights: ModelWeights, backend: Backend) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: ModelWeights,
+        backend: Backend,
+        batch_invariant: bool = False,
+    ) -> None:
         self.config = config
+        self.batch_invariant = batch_invariant
         self.weights = weights
         self.backend = backend
         self.xp = backend.xp
@@ -91,6 +105,7 @@ class LlamaModel:
                 step.decode_kv_blocks,
                 self.scale,
                 cfg.sliding_window,
+                batch_invariant=self.batch_invariant,
             )  # (d, 1, H, D)
             parts.append(out[:, 0])
         for seg in step.prefills:
@@ -104,9 +119,22 @@ class LlamaModel:
                 seg.num_kv_blocks,
                 self.scale,
                 cfg.sliding_window,
+                batch_invariant=self.batch_invariant,
             )  # (1, Q, H, D)
             parts.append(out[0])
         return parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=0)
+
+    def weight_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of every product with a weight (the layers all have one shape)."""
+        layer = self.weights.layers[0]
+        mats = [layer.qkv, layer.o, layer.gate_up, layer.down, self.weights.lm_head]
+        return [tuple(m.shape) for m in mats]  # type: ignore[misc]
+
+    def linear(self, x: Array, weight: Array) -> Array:
+        """(T, in) @ (in, out) -> (T, out)."""
+        if not self.batch_invariant:
+            return x @ weight
+        return matmul(self.xp, x, weight, weight_min_rows(weight.shape))
 
     def forward(self, step: StepInputs, cache: KVCache) -> Array:
         """Run one step; K/V of every new token enter the cache. Returns (S, vocab) logits."""
@@ -122,7 +150,7 @@ class LlamaModel:
         x = w.embed[step.token_ids]  # (T, hidden)
         for i, layer in enumerate(w.layers):
             h = rms_norm(xp, x, layer.attn_norm, cfg.rms_norm_eps)
-            qkv = h @ layer.qkv  # (T, q_size + 2 * kv_size)
+            qkv = self.linear(h, layer.qkv)  # (T, q_size + 2 * kv_size)
             if layer.qkv_bias is not None:
                 qkv += layer.qkv_bias
             qk = self.apply_rope(qkv[:, : q_size + kv_size].reshape(n_tokens, n_rot, -1), cos, sin)
@@ -131,17 +159,17 @@ class LlamaModel:
             v = qkv[:, q_size + kv_size :].reshape(n_tokens, cfg.num_kv_heads, -1)
             cache.write(i, slots, k, v)
             attn = self.attention(i, q, cache, step).reshape(n_tokens, q_size)  # (T, q_size)
-            x = x + attn @ layer.o
+            x = x + self.linear(attn, layer.o)
             if layer.o_bias is not None:
                 x += layer.o_bias
 
             h = rms_norm(xp, x, layer.mlp_norm, cfg.rms_norm_eps)
-            gate_up = h @ layer.gate_up  # (T, 2 * intermediate)
+            gate_up = self.linear(h, layer.gate_up)  # (T, 2 * intermediate)
             if layer.gate_up_bias is not None:
                 gate_up += layer.gate_up_bias
-            x = x + (silu(xp, gate_up[:, :inter]) * gate_up[:, inter:]) @ layer.down
+            x = x + self.linear(silu(xp, gate_up[:, :inter]) * gate_up[:, inter:], layer.down)
             if layer.down_bias is not None:
                 x += layer.down_bias
 
         last = rms_norm(xp, x[step.logits_rows], w.final_norm, cfg.rms_norm_eps)  # (S, hidden)
-        return last @ w.lm_head  # (S, vocab)
+        return self.linear(last, w.lm_head)  # (S, vocab)

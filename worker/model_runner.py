@@ -10,25 +10,39 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from worker.attention import check_batch_invariance
 from worker.backend import Backend
+from worker.channel.types import TokenLogprob
 from worker.checkpoint import Checkpoint
 from worker.kv_cache import KVCache, KVCacheLayout, blocks_for
+from worker.matmul import check_weight_invariance
 from worker.model import LlamaModel, PrefillSegment, StepInputs
-from worker.sampling import sample
+from worker.penalties import penalize
+from worker.sampling import sample, token_logprobs
 from worker.scheduler import ScheduledBatch
 from worker.sequence import Sequence
 
 if TYPE_CHECKING:
+    from worker.speculative import Verified
     from worker.speculator import Speculator
 
 Array = Any
 
 
 class ModelRunner:
-    def __init__(self, checkpoint: Checkpoint, layout: KVCacheLayout, backend: Backend) -> None:
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        layout: KVCacheLayout,
+        backend: Backend,
+        batch_invariant: bool = False,
+    ) -> None:
         self.backend = backend
         self.config = checkpoint.config
-        self.model = LlamaModel(checkpoint.config, checkpoint.weights, backend)
+        self.model = LlamaModel(checkpoint.config, checkpoint.weights, backend, batch_invariant)
+        if batch_invariant:  # fails at start, naming the shape, on a BLAS that breaks a rule
+            check_weight_invariance(backend.xp, self.model.weight_shapes())
+            check_batch_invariance(backend.xp, checkpoint.config.head_dim, layout.block_size)
         self.cache = KVCache(checkpoint.config, layout, backend)
         self.block_size = layout.block_size
 
@@ -107,9 +121,10 @@ class ModelRunner:
 
     def run(
         self, batch: ScheduledBatch, speculator: Speculator | None = None
-    ) -> tuple[list[Sequence], np.ndarray, dict[Sequence, list[int]]]:
-        """One forward pass and sampling: the sampled sequences and their tokens, and for
-        each decode with drafts (batch.drafts) the tokens its verification emits."""
+    ) -> tuple[list[Sequence], np.ndarray, list[TokenLogprob | None], dict[Sequence, Verified]]:
+        """One forward pass and sampling: the sampled sequences, their tokens, each one's
+        TokenLogprob (None where its request did not ask for logprobs), and for each decode
+        with drafts (batch.drafts) what its verification emits."""
         step, sampled = self.prepare(batch)
         logits = self.model.forward(step, self.cache)  # (S + verify rows, vocab)
         verified = {}
@@ -117,11 +132,16 @@ class ModelRunner:
             assert speculator is not None, "drafts need the speculator that verifies them"
             verified = speculator.verify(logits[len(sampled) :], batch.drafts)
         if not sampled:
-            return sampled, np.empty(0, dtype=np.int64), verified
-        tokens = sample(
-            self.backend.xp,
+            return sampled, np.empty(0, dtype=np.int64), [], verified
+        xp = self.backend.xp
+        params = [s.params for s in sampled]
+        logits = penalize(
+            xp,
             logits[: len(sampled)],
-            params=[s.params for s in sampled],
-            indices=[s.tokens_generated for s in sampled],
-        )
-        return sampled, self.backend.to_host(tokens).astype(np.int64), verified
+            params,
+            [s.prompt_ids for s in sampled],
+            [s.generated for s in sampled],
+        )  # (S, vocab), the same array when no row is penalised
+        tokens = sample(xp, logits, params, indices=[s.tokens_generated for s in sampled])
+        logprobs = token_logprobs(xp, logits, params, tokens)  # [None] * S when none asks
+        return sampled, self.backend.to_host(tokens).astype(np.int64), logprobs, verified

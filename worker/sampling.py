@@ -26,6 +26,17 @@ Numerical safety over the whole accepted range of every float parameter
   keep (nearly) everything. Each filter keeps a prefix of the ranking by
   construction, so rounding in a cumulative sum can never leave a hole, and
   the pick is always a kept token. No parameter value can produce NaN.
+
+Log-probabilities (`token_logprobs`, only for rows whose request asks) are those
+of the distribution the token was drawn from before truncation:
+log_softmax(logits / T) over the whole vocabulary, on the logits after the
+penalties (worker/penalties.py) and the temperature T, but before top-k, top-p
+and min-p; for greedy rows (T below GREEDY_BELOW) T counts as 1, i.e. the
+log-softmax of the (penalised) logits, the model's own distribution. So the
+sampled token's value and its alternatives' are finite and do not change when a
+filter is tightened (a filtered token would otherwise read -inf, which JSON
+cannot carry), matching vLLM's processed log-probs without the truncation; with
+no penalty and T = 1 they are the raw model distribution that OpenAI reports.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.channel.types import SamplingParams
+from worker.channel.types import SamplingParams, TokenLogprob
 
 Array = Any
 
@@ -131,3 +142,62 @@ def sample(
         picked = sample_from(xp, order, probs, xp.asarray(np.array(uniform, dtype=np.float32)))
         chosen[xp.asarray(stochastic)] = picked
     return chosen
+
+
+def log_softmax(xp: Any, logits: Array, temperature: Array) -> Array:
+    """log_softmax(logits / temperature) per row: (rows, vocab) float32, temperature (rows,)."""
+    top = logits.max(axis=-1, keepdims=True)  # (rows, 1)
+    scaled = (logits - top) / temperature[:, None]  # (rows, vocab), as filtered_probs scales
+    return scaled - xp.log(xp.exp(scaled).sum(axis=-1, keepdims=True))  # max(scaled) = 0
+
+
+def top_tokens(xp: Any, values: Array, k: int) -> tuple[Array, Array]:
+    """The k largest of each row, largest first (ties: lower id first): (ids, values),
+    both (rows, k); k >= 1."""
+    ids = xp.argpartition(-values, k - 1, axis=-1)[:, :k]  # (rows, k), unordered
+    ids = xp.sort(ids, axis=-1)  # so that the stable sort below puts tied ids in order
+    picked = xp.take_along_axis(values, ids, axis=-1)
+    order = xp.argsort(-picked, axis=-1, kind="stable")  # (rows, k)
+    return xp.take_along_axis(ids, order, axis=-1), xp.take_along_axis(picked, order, axis=-1)
+
+
+def token_logprobs(
+    xp: Any, logits: Array, params: Sequence[SamplingParams], chosen: Array
+) -> list[TokenLogprob | None]:
+    """Row r's TokenLogprob (see the module docstring) when params[r].logprobs, else None.
+
+    logits (rows, vocab), after the penalties; chosen (rows,) the sampled ids. Only
+    the asking rows are computed; two device-to-host copies of (rows', 1 + k).
+    """
+    rows = [r for r, p in enumerate(params) if p.logprobs]
+    out: list[TokenLogprob | None] = [None] * len(params)
+    if not rows:
+        return out
+    asked = [params[r] for r in rows]
+    index = xp.asarray(np.asarray(rows, dtype=np.int64))
+    temperature = [1.0 if _greedy(p) else min(p.temperature, MAX_TEMPERATURE) for p in asked]
+    logprobs = log_softmax(
+        xp, logits[index], xp.asarray(np.array(temperature, dtype=np.float32))
+    )  # (rows', vocab)
+    tokens = chosen[index][:, None]  # (rows', 1)
+    values = xp.take_along_axis(logprobs, tokens, axis=-1)  # (rows', 1)
+    k = max(p.top_logprobs for p in asked)
+    if k:
+        top_ids, top_values = top_tokens(xp, logprobs, k)  # (rows', k) each
+        tokens = xp.concatenate([tokens, top_ids.astype(tokens.dtype)], axis=-1)  # (rows', 1+k)
+        values = xp.concatenate([values, top_values], axis=-1)  # (rows', 1 + k)
+    host_ids, host_values = _to_host(tokens).tolist(), _to_host(values).tolist()
+    for i, (r, p) in enumerate(zip(rows, asked, strict=True)):
+        ids, lps = host_ids[i], host_values[i]
+        top = tuple(zip(ids[1 : 1 + p.top_logprobs], lps[1 : 1 + p.top_logprobs], strict=True))
+        out[r] = TokenLogprob(ids[0], lps[0], top)
+    return out
+
+
+def _greedy(params: SamplingParams) -> bool:
+    return params.temperature < GREEDY_BELOW
+
+
+def _to_host(array: Array) -> np.ndarray:
+    """A device array on the host (CuPy's .get(); NumPy's as it is)."""
+    return array.get() if hasattr(array, "get") else np.asarray(array)

@@ -27,6 +27,13 @@ class Sequence:
     arrival: int = field(default_factory=lambda: next(_arrival))
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0
+    # Prefix caching (worker/block_manager.py): the chained hashes of the full blocks of
+    # `tokens` as far as looked at, how many leading blocks of block_table were offered to
+    # the cache, and how many prompt tokens the first prefill took from the cache.
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_hashed_blocks: int = 0
+    cached_prompt_tokens: int = 0
+    num_preemptions: int = 0
     preempted: bool = False  # waiting to be recomputed: goes before every new request
     finish_reason: FinishReason = FinishReason.NONE
 

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.channel.types import SamplingParams
+from worker.channel.types import SamplingParams, TokenLogprob
 from worker.sampling import MAX_TEMPERATURE, filtered_probs
 
 Array = Any
@@ -63,6 +63,15 @@ class Draft:
 
     def truncated(self, k: int) -> Draft:
         return Draft(self.tokens[:k], None if self.probs is None else self.probs[:k])
+
+
+@dataclass
+class Verified:
+    """What one sequence's verification emits: its accepted drafts then one more token
+    (a + 1 tokens), and each token's TokenLogprob (None where the request did not ask)."""
+
+    tokens: list[int]
+    logprobs: list[TokenLogprob | None]
 
 
 def speculative_draws(seed: int, index: int) -> tuple[float, float]:

@@ -42,6 +42,7 @@ from worker.spec_policy import (
 )
 from worker.speculative import (
     Draft,
+    Verified,
     distributions,
     prompt_lookup,
     speculative_draws,
@@ -105,7 +106,9 @@ class Speculator:
             draft_layout = KVCacheLayout(blocks, layout.block_size, per_token)
             log.info("draft model %s; %s", checkpoint.config.name, draft_layout.describe())
             budget = config.prefill_token_budget
-            speculator.draft_model = DraftModel(checkpoint, draft_layout, backend, budget)
+            speculator.draft_model = DraftModel(
+                checkpoint, draft_layout, backend, budget, config.batch_invariant
+            )
         log.info(
             "speculative decoding: %s, up to %d draft tokens per sequence per step",
             config.speculation,
@@ -196,7 +199,7 @@ class Speculator:
             self.costs.observe(len(batch.decodes), batch.num_tokens, seconds)
 
     # -- verification -----------------------------------------------------------------
-    def verify(self, logits: Array, drafts: dict[Sequence, Draft]) -> dict[Sequence, list[int]]:
+    def verify(self, logits: Array, drafts: dict[Sequence, Draft]) -> dict[Sequence, Verified]:
         """Tokens to emit for each drafted sequence (its accepted drafts, then one more).
 
         logits (sum of 1 + k, vocab): each sequence's rows in `drafts` order; row j
@@ -220,7 +223,7 @@ class Speculator:
                     seq, draft, logits[row : row + k + 1], target[row + k]
                 )
             row += k + 1
-        return out
+        return {seq: Verified(tokens, [None] * len(tokens)) for seq, tokens in out.items()}
 
     def _verify_sampled(self, seq: Sequence, draft: Draft, logits: Array, bonus: int) -> list[int]:
         """Speculative sampling against the draft model's q (rows: (k + 1, vocab) logits)."""

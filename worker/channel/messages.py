@@ -11,8 +11,15 @@ The codec is derived from the dataclass fields, in declaration order:
 byte, `str` a u32 byte length then UTF-8, `bytes` a u32 length then the
 bytes, `list[int]` / `tuple[int, ...]` a
 u32 count then u32 values, a nested dataclass its own fields in turn, and
-`list[TokenRecord]` a u32 count then fixed 21-byte records. A message is one
-kind byte (its position in MESSAGES) followed by its fields.
+`list[TokenRecord]` a u32 count, fixed 26-byte records, then the logprobs of
+the records that carry them. A message is one kind byte (its position in
+MESSAGES) followed by its fields.
+
+A record's last byte counts its logprob entries: 0 for none (a request that did
+not ask pays one byte), else 1 + len(top); those records' logprobs follow all
+the records, in order, each an f32 logprob then len(top) (u32 id, f32 logprob)
+pairs. The byte bounds a record to 255 entries (requests ask for at most 21),
+so a Tokens frame stays under ~2 KiB per record.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from functools import cache
 from typing import Any
 
-from worker.channel.types import FinishReason, Priority, SamplingParams, TokenRecord
+from worker.channel.types import FinishReason, Priority, SamplingParams, TokenLogprob, TokenRecord
 
 
 @dataclass(frozen=True)
@@ -86,9 +93,11 @@ class Status:
 
     `waiting` counts requests in the worker's admission queue, new or preempted.
     `kv_free_tokens` is what the KV pool can still take once the waiting
-    requests are in. `adds_received` and `add_tokens_received` count every Add
+    requests are in (cached prefix blocks nobody holds count as free: they are
+    evicted on demand). `adds_received` and `add_tokens_received` count every Add
     the worker has read (and their prompt tokens), so the front can subtract
-    what is still in flight.
+    what is still in flight. The prefix cache counters are in tokens, over every
+    admission since the worker started (recomputations after preemption too).
     """
 
     running: int
@@ -104,6 +113,9 @@ class Status:
     # Speculative decoding, since the worker started: draft tokens verified, and accepted.
     draft_tokens: int = 0
     accepted_draft_tokens: int = 0
+    kv_blocks_cached: int = 0  # held by no sequence, kept for prefix cache hits
+    prefix_cache_query_tokens: int = 0  # tokens looked up at admission
+    prefix_cache_hit_tokens: int = 0  # of those, found cached (not computed again)
 
     @property
     def utilization(self) -> float:
@@ -111,9 +123,18 @@ class Status:
         return self.running / self.max_batch_size if self.max_batch_size else 0.0
 
     @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Prefix cache hit tokens / looked-up tokens, in [0, 1]; 0 before any lookup."""
+        return hit_rate(self.prefix_cache_hit_tokens, self.prefix_cache_query_tokens)
+
+    @property
     def free_slots(self) -> int:
         """Requests the worker could start now without queueing any."""
         return max(0, self.max_batch_size - self.running - self.waiting)
+
+
+def hit_rate(hits: int, queries: int) -> float:
+    return hits / queries if queries else 0.0
 
 
 @dataclass(frozen=True)
@@ -135,7 +156,9 @@ _NESTED = {"SamplingParams": SamplingParams}
 _ENUMS = {"Priority": Priority, "FinishReason": FinishReason}
 _SCALARS = {"int": struct.Struct("<Q"), "float": struct.Struct("<d"), "bool": struct.Struct("<?")}
 _BYTE, _COUNT = struct.Struct("<B"), struct.Struct("<I")
-_RECORD = struct.Struct("<QqIB")  # handle, token_id, index, finish_reason
+# handle, token_id, index, finish_reason, cached prompt tokens, logprob entries
+_RECORD = struct.Struct("<QqIBIB")
+_LOGPROB, _TOP = struct.Struct("<f"), struct.Struct("<If")  # a record's logprob; (id, logprob)
 _ID_LISTS = ("list[int]", "tuple[int, ...]")
 
 
@@ -169,12 +192,39 @@ def _write(obj: Any, out: list[bytes]) -> None:
         elif kind in _ID_LISTS:
             out += (_COUNT.pack(len(value)), array("I", value).tobytes())
         elif kind == "list[TokenRecord]":
-            out.append(_COUNT.pack(len(value)))
-            out += (_RECORD.pack(r.handle, r.token_id, r.index, r.finish_reason) for r in value)
+            _write_records(value, out)
         elif kind in _NESTED:
             _write(value, out)
         else:
             raise TypeError(f"{type(obj).__name__}.{name}: no wire codec for {kind}")
+
+
+def _write_records(records: list[TokenRecord], out: list[bytes]) -> None:
+    out.append(_COUNT.pack(len(records)))
+    for r in records:
+        entries = 0 if r.logprob is None else 1 + len(r.logprob.top)
+        fields = (r.handle, r.token_id, r.index, r.finish_reason, r.cached_prompt_tokens)
+        out.append(_RECORD.pack(*fields, entries))
+    for r in records:
+        if r.logprob is not None:
+            out.append(_LOGPROB.pack(r.logprob.logprob))
+            out += (_TOP.pack(token, logprob) for token, logprob in r.logprob.top)
+
+
+def _read_records(data: memoryview, offset: int, name: str) -> tuple[list[TokenRecord], int]:
+    (count,) = _COUNT.unpack_from(data, offset)
+    end = _span(data, offset + 4, _RECORD.size * count, name)
+    heads = list(_RECORD.iter_unpack(data[offset + 4 : end]))
+    records = []
+    for handle, token, index, finish, cached, entries in heads:
+        logprob = None
+        if entries:
+            tail = _span(data, end, _LOGPROB.size + _TOP.size * (entries - 1), name)
+            (value,) = _LOGPROB.unpack_from(data, end)
+            top = tuple(_TOP.iter_unpack(data[end + _LOGPROB.size : tail]))
+            logprob, end = TokenLogprob(token, value, top), tail
+        records.append(TokenRecord(handle, token, index, FinishReason(finish), logprob, cached))
+    return records, end
 
 
 def _span(data: memoryview, offset: int, size: int, name: str) -> int:
@@ -210,13 +260,7 @@ def _read(cls: type, data: memoryview, offset: int) -> tuple[Any, int]:
             values[name] = ids if kind == "list[int]" else tuple(ids)
             offset += 4 + 4 * count
         elif kind == "list[TokenRecord]":
-            (count,) = _COUNT.unpack_from(data, offset)
-            end = _span(data, offset + 4, _RECORD.size * count, name)
-            values[name] = [
-                TokenRecord(h, t, i, FinishReason(f))
-                for h, t, i, f in _RECORD.iter_unpack(data[offset + 4 : end])
-            ]
-            offset = end
+            values[name], offset = _read_records(data, offset, name)
         elif kind in _NESTED:
             values[name], offset = _read(_NESTED[kind], data, offset)
         else:

@@ -16,6 +16,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_KV_CACHE_MB = 512.0
 SPECULATIVE_METHODS = ("ngram", "draft")
 MAX_SPECULATIVE_TOKENS = 16  # draft tokens per sequence per step: 17 verify rows at most
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's limit too)
 
 
 class Priority(enum.IntEnum):
@@ -50,10 +51,25 @@ class SamplingParams:
     seed: int = 0  # uint64; token i's random draw is a pure function of (seed, i)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Penalties (worker/penalties.py), applied before temperature; defaults are off.
+    repetition_penalty: float = 1.0  # Hugging Face: over prompt + completion; 1 = off
+    frequency_penalty: float = 0.0  # OpenAI: minus count * this, over the completion
+    presence_penalty: float = 0.0  # OpenAI: minus this for a token already in the completion
+    logprobs: bool = False  # report each sampled token's log-probability
+    top_logprobs: int = 0  # and this many most likely alternatives (0..20, with logprobs)
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty changes this request's logits."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+        )
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,9 @@ class EngineConfig:
     draft_model: str = ""  # checkpoint sharing the model's tokenizer
     prompt_lookup_max: int = 4  # longest / shortest n-gram prompt lookup matches
     prompt_lookup_min: int = 2
+    # A row's logits bitwise independent of the rest of the batch (docs/batch-invariance.md)
+    batch_invariant: bool = False
+    prefix_caching: bool = True  # share and keep full KV blocks of equal prefixes
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "kv_cache_mb", "block_size", "prefill_token_budget"):
@@ -120,18 +139,37 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability and the most likely alternatives (natural log).
+
+    Under the distribution the token was drawn from, after penalties and temperature,
+    before the top-k / top-p / min-p cut (worker/sampling.py `token_logprobs`). `top`:
+    (token_id, logprob) pairs, most likely first, as many as the request's top_logprobs.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenRecord:
     """One new token of one request, or the end of a request that produced none.
 
     `handle` names the request inside the worker and on the channel; `index` is
     the token's position in the completion. `token_id` is -1 on a record that
     carries only a finish (a cancellation). `finish_reason` is set on the last.
+    `logprob` is set only for a request that asked for logprobs.
+    `cached_prompt_tokens`: prompt tokens whose K/V the request's first admission
+    on this worker found in the prefix cache (the same on each of its records).
     """
 
     handle: int
     token_id: int
     index: int
     finish_reason: FinishReason = FinishReason.NONE
+    logprob: TokenLogprob | None = None
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
