@@ -60,7 +60,7 @@ def test_big_request_messages_are_followed_by_a_trim(monkeypatch: pytest.MonkeyP
     assert asked == [1, 1]  # refused for its size, and its buffers given back all the same
 
 
-def test_trim_soon_runs_after_the_current_callback(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_trim_soon_runs_on_the_next_turn_and_again_later(monkeypatch: pytest.MonkeyPatch) -> None:
     trims: list[str] = []
     monkeypatch.setattr(memory, "trim", lambda: trims.append("trim"))
 
@@ -71,6 +71,8 @@ def test_trim_soon_runs_after_the_current_callback(monkeypatch: pytest.MonkeyPat
         memory.trim_soon()
         trims.append("caller went on")
         await asyncio.sleep(0)
+        trims.append("next turn")
+        await asyncio.sleep(memory.TRIM_AGAIN_S + 0.2)
 
     asyncio.run(on_a_loop())
-    assert trims == ["trim", "caller went on", "trim"]
+    assert trims == ["trim", "caller went on", "trim", "next turn", "trim"]
