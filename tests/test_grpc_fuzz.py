@@ -62,13 +62,14 @@ KNOWN_BUG_CODES: dict[str, set[str]] = {}  # none open now (was: "long-id" and
 # "undecodable", fixed: test_a_long_unknown_request_id_gets_not_found and the fault-4 tests)
 LONG_ID_BYTES = 8 << 10
 # The front's RSS may grow this much over the whole fuzz run (after a warm-up). Measured
-# (docs/reliability.md), with up to 1,500 messages per request: +31 MB over this file's
-# fixed examples; +40 MB after 5,000 and +48 MB after 10,000 of scripts/fuzz_long.py, so
-# it levels off: high-water marks of native buffers for the multi-MiB requests, not a
-# per-request leak. Before the two fixes behind test_many_messages_do_not_grow_the_front
-# (refused calls kept in a reference cycle until a full gc; freed receive buffers of big
-# messages kept in glibc's thread arenas) this file measured +57 MB with messages capped
-# at 64, and fuzz_long +124 MB with up to 1,500 (the bound was then 96 MB).
+# (docs/reliability.md), with up to 1,500 messages per request: +27 to +31 MB over this
+# file's fixed examples; +40 MB after 5,000, +50 after 10,000 and +48 after 20,000
+# examples of scripts/fuzz_long.py, so it levels off: high-water marks of native buffers
+# for the multi-MiB requests, not a per-request leak. Before the two fixes behind
+# test_many_messages_do_not_grow_the_front (refused calls kept in a reference cycle until
+# a full gc; freed receive buffers of big messages kept in glibc's thread arenas) this
+# file measured +57 MB with messages capped at 64, and fuzz_long +124 MB with up to 1,500
+# (the bound was then 96 MB).
 RSS_GROWTH_BOUND_MB = 48
 
 # (rpc, kind, code) -> count, over the whole run (scripts/fuzz_long.py prints it).
