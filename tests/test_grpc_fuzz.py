@@ -68,7 +68,7 @@ LONG_ID_BYTES = 8 << 10
 # for the multi-MiB requests, not a per-request leak. Before the two fixes behind
 # test_many_messages_do_not_grow_the_front (refused calls kept in a reference cycle until
 # a full gc; freed receive buffers of big messages kept in glibc's thread arenas) this
-# file measured +57 MB with messages capped at 64, and fuzz_long +124 MB with up to 1,500
+# file measured +57 MB with messages capped at 64, and fuzz_long +127 MB with up to 1,500
 # (the bound was then 96 MB).
 RSS_GROWTH_BOUND_MB = 48
 
