@@ -105,9 +105,15 @@ ENV HOST=0.0.0.0 \
 
 EXPOSE 50051 8000 9090
 
-# SERVING only once the workers are ready (grpc.health.v1); health stays open when auth is on.
+# `shoal health` (client/health.py): exit 0 only when grpc.health.v1 says SERVING, which it
+# does once the workers are ready; health stays open when auth is on. Plaintext, or TLS
+# when TLS_CERT is set: the certificate is checked against $SHOAL_TLS_CA, else against
+# TLS_CERT itself (the server's own certificate), for the name 127.0.0.1 unless
+# $SHOAL_TLS_SERVER_NAME names another that it carries. Under mutual TLS (TLS_CLIENT_CA)
+# the probe also needs a client certificate that CA signed: $SHOAL_TLS_CERT / $SHOAL_TLS_KEY.
+# Why it failed shows in `docker inspect --format '{{json .State.Health}}' CONTAINER`.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as hg; r = hg.HealthStub(grpc.insecure_channel('127.0.0.1:' + os.environ.get('PORT', '50051'))).Check(h.HealthCheckRequest(), timeout=4); sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
+    CMD shoal health --target 127.0.0.1:${PORT:-50051} --timeout 4 ${TLS_CERT:+--tls-ca ${SHOAL_TLS_CA:-$TLS_CERT}}
 
 # Fetches the default model (or writes the random fallback) when MODEL is /models/default
 # and neither is there (an empty volume, or a link into a cache that is gone), then execs

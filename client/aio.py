@@ -9,6 +9,7 @@ from typing import Any, Unpack
 
 import grpc
 import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.channel import Pem, Target, auth_metadata, channel_credentials, channel_target
 from client.errors import ShoalError
@@ -125,6 +126,15 @@ class AsyncShoalClient:
     async def stats(self, *, timeout: float | None = None) -> Stats:
         msg = await self._unary(self.stub.GetStats, pb.GetStatsRequest(), timeout)
         return stats_from_pb(msg)
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The server's grpc.health.v1 status by name: "SERVING" once a worker is ready,
+        "NOT_SERVING" while none is or while draining. `service`: "" (the server as a
+        whole) or "shoal.v1.Inference"; another name fails NOT_FOUND (a ShoalError)."""
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        request = health_pb2.HealthCheckRequest(service=service)
+        reply = await self._unary(stub.Check, request, timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         msg = await self._unary(self.stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)

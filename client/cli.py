@@ -26,6 +26,7 @@ TOKEN_ENV = "SHOAL_AUTH_TOKEN"
 HTTP_TARGET_ENV = "SHOAL_HTTP_TARGET"
 # --tls-ca / --tls-cert / --tls-key: PEM files, each also from an environment variable.
 TLS_ENVS = {"tls_ca": "SHOAL_TLS_CA", "tls_cert": "SHOAL_TLS_CERT", "tls_key": "SHOAL_TLS_KEY"}
+TLS_SERVER_NAME_ENV = "SHOAL_TLS_SERVER_NAME"
 DEFAULT_HTTP_TARGET = "http://127.0.0.1:8000"
 
 
@@ -96,6 +97,14 @@ def _global_options(defaults: bool) -> argparse.ArgumentParser:
         action="store_true",
         default=False if defaults else suppress,
         help="TLS with the system's root certificates (implied by --tls-ca or --tls-cert)",
+    )
+    p.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        default=(os.environ.get(TLS_SERVER_NAME_ENV) or None) if defaults else suppress,
+        help="TLS: check the server's certificate against NAME instead of the target's host "
+        f"(e.g. a probe of 127.0.0.1 whose certificate names the service; env "
+        f"{TLS_SERVER_NAME_ENV})",
     )
     return p
 
@@ -179,6 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("cancel", "abort a queued or running request").add_argument("request_id")
     add("stats", "load per worker and in total").add_argument("--json", action="store_true")
     add("info", "the served model").add_argument("--json", action="store_true")
+    health = add(
+        "health",
+        "grpc.health.v1 check: exit 0 only when SERVING (a probe for Docker and Kubernetes)",
+    )
+    health.description = (
+        "Ask the server's grpc.health.v1 service; exit 0 only when it says SERVING, else print "
+        "why and exit 1. Plaintext, or TLS with --tls-ca (and --tls-cert/--tls-key for mutual "
+        "TLS). The call's deadline is --timeout, 5 s by default."
+    )
+    health.add_argument(
+        "--service", default="", help='"" (the server as a whole, the default) or a service name'
+    )
     batch = add("batch", "run a JSONL file of requests (worker.batch formats)")
     batch.add_argument("--input", required=True, type=Path)
     batch.add_argument("--output", required=True, type=Path)
@@ -278,7 +299,10 @@ def _check_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 def client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The ShoalClient / AsyncShoalClient keyword arguments the global options give."""
     names = ("auth_token", "timeout", "tls", *TLS_ENVS)
-    return {name: getattr(args, name) for name in names}
+    kwargs = {name: getattr(args, name) for name in names}
+    if args.tls_server_name:
+        kwargs["options"] = [("grpc.ssl_target_name_override", args.tls_server_name)]
+    return kwargs
 
 
 def _check_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

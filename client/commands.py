@@ -24,6 +24,7 @@ from client.cli import (
     system_turn,
 )
 from client.errors import ShoalError
+from client.health import cmd_health
 from client.progress import Progress
 from client.sync import ShoalClient
 from client.types import Chunk, Completion, CompletionBuilder, Stats, WorkerStats
@@ -249,6 +250,7 @@ COMMANDS: dict[str, Callable[[ShoalClient, argparse.Namespace], int]] = {
     "cancel": cmd_cancel,
     "stats": cmd_stats,
     "info": cmd_info,
+    "health": cmd_health,
 }
 
 

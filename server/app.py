@@ -203,7 +203,7 @@ def start_http(config: ServerConfig, frontend: Frontend) -> HttpFront:
     except OSError as err:
         raise SystemExit(f"--http-port {config.http_port} on {config.host}: {err}") from None
     model_id = config.served_model_name or served_model_id(config.model)
-    app = build_http_app(frontend, model_id, config.auth_token)
+    app = build_http_app(frontend, model_id, config.auth_token, config.max_body_bytes)
     uv = uvicorn.Config(
         app, log_level="warning", access_log=False, lifespan="off", **_uvicorn_tls(config)
     )

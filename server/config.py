@@ -14,11 +14,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.validation import MAX_PROMPT_BYTES
 from worker.channel.types import DEFAULT_KV_CACHE_MB, EngineConfig
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 MAX_PORT = 65535
+# The HTTP API's body limit: a prompt of max_prompt_bytes written with \uXXXX escapes (as
+# ensure_ascii encoders such as Python's json write non-ASCII text: up to 3x its UTF-8
+# size) and the rest of the body still fit; 4 MiB, as a gRPC request message.
+DEFAULT_MAX_BODY_BYTES = 4 * MAX_PROMPT_BYTES
+MIN_BODY_BYTES = 1024  # below this no real request fits: a mistaken unit, refused at start
 
 # field -> (environment variable, help). The flag is `--` + the field name with dashes.
 _OPTIONS: dict[str, tuple[str, str]] = {
@@ -29,6 +35,10 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "served_model_name": (
         "SERVED_MODEL_NAME",
         "model id of the HTTP API (default: the model's file or directory name)",
+    ),
+    "max_body_bytes": (
+        "MAX_BODY_BYTES",
+        "largest HTTP request body, bytes; larger ones get 413 before any parsing",
     ),
     "workers": ("NUM_WORKERS", "worker processes"),
     "device": ("DEVICE", "auto, cpu or cuda"),
@@ -84,6 +94,7 @@ class ServerConfig:
     port: int = 50051
     http_port: int = 8000  # 0 = no HTTP API
     served_model_name: str = ""
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     workers: int = 1
     device: str = "auto"
     max_batch_size: int = 32
@@ -128,6 +139,7 @@ class ServerConfig:
         for name in ("batch_timeout_ms", "retention_s", "retention_count", "retention_mb"):
             _check(name, getattr(self, name), lambda v: v >= 0, ">= 0")
         _check("drain_grace_s", self.drain_grace_s, lambda v: v >= 0, ">= 0")
+        _check("max_body_bytes", self.max_body_bytes, lambda v: v >= MIN_BODY_BYTES, ">= 1024")
         try:  # the engine's own fields are checked by EngineConfig, named here with their flag
             self.engine  # noqa: B018
         except ValueError as err:

@@ -9,9 +9,10 @@
 
 Bodies and responses follow OpenAI's API reference; errors are OpenAI error
 objects (`{"error": {"message", "type", "param", "code"}}`) with 400, 401,
-404, 429 or 503. JSON becomes `RequestFields` (server/openai_schema.py) and
-goes through the one validation, queue and workers; a client that goes away
-cancels its requests. Served by uvicorn in the front's event loop
+404, 413 (a body over --max-body-bytes, refused before parsing:
+server/http_limits.py), 429 or 503. JSON becomes `RequestFields`
+(server/openai_schema.py) and goes through the one validation, queue and
+workers; a client that goes away cancels its requests. Served by uvicorn in the front's event loop
 (server/app.py).
 """
 
@@ -34,7 +35,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
+from server.config import DEFAULT_MAX_BODY_BYTES
 from server.frontend import Frontend, Unavailable
+from server.http_limits import BodyLimit
 from server.openai_logprobs import chat_logprobs, completion_logprobs, text_length
 from server.openai_schema import (
     ApiError,
@@ -288,10 +291,18 @@ def _authorized(request: Request, token: str) -> bool:
     return hmac.compare_digest(sent, f"Bearer {token}".encode())
 
 
-def build_http_app(frontend: Frontend, model_id: str, auth_token: str = "") -> FastAPI:
-    """The FastAPI app; metrics count every request by route and status."""
+def build_http_app(
+    frontend: Frontend,
+    model_id: str,
+    auth_token: str = "",
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
+    """The FastAPI app; metrics count every request by route and status. Bodies over
+    `max_body_bytes` get 413 before any parsing (server/http_limits.py); the auth check
+    and the metrics (the middleware below, added after, so outside it) come first."""
     api = HttpApi(frontend, model_id)
     app = FastAPI(title="shoal", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Any:

@@ -17,8 +17,6 @@ encoder releases the GIL while it runs).
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -26,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from server.memory import trim
 from worker.channel.types import MAX_TOP_LOGPROBS, Priority, SamplingParams
 
 # shoal.v1.Priority by name (with or without the PRIORITY_ prefix) and by number, as
@@ -46,8 +45,6 @@ MAX_FREQUENCY_PENALTY = 2.0  # frequency_penalty and presence_penalty in [-2, 2]
 # the event loop never does. Memory the tokenizer freed can stay in that thread's malloc
 # arena (RSS that never comes down) unless given back with malloc_trim after each one.
 _TOKENIZER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-tokenize")
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None)
-_MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)  # glibc only
 
 
 def _validate_and_trim(
@@ -56,8 +53,7 @@ def _validate_and_trim(
     try:
         return validate(request, limits, prompts)
     finally:
-        if _MALLOC_TRIM is not None:
-            _MALLOC_TRIM(0)
+        trim()
 
 
 class InvalidRequest(ValueError):

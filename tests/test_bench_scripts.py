@@ -122,3 +122,11 @@ def test_bench_prefix_cache_quick_prints_both_tables(default_model: Path) -> Non
     turns = [r for r in rows if r.split("|")[1].strip() in ("1", "2", "3")]
     assert len(turns) == 3 and all(r.endswith("| yes |") for r in turns)
     assert [r.split("|")[3].strip() for r in turns] == ["0", "48", "64"]  # cached per turn
+
+
+def test_bench_batch_invariant_quick_prints_both_modes(default_model: Path) -> None:
+    proc = run_script("bench_batch_invariant.py", "--quick", "--model", str(default_model))
+    assert proc.returncode == 0, proc.stderr
+    assert "### Default vs batch-invariant" in proc.stdout
+    for work in ("decode, batch 1", "decode, batch 16", "prefill, 64 tokens"):
+        assert f"| {work} |" in proc.stdout

@@ -145,7 +145,7 @@ def test_message_codec_round_trips() -> None:
         assert decode(encode(message)) == message
     # A record of a request that did not ask pays one byte; one with 20 alternatives 164 more.
     plain = len(encode(Tokens([TokenRecord(1, 5, 0)])))
-    assert plain == 1 + 4 + 22
+    assert plain == 1 + 4 + 26  # kind, count, one record
     assert len(encode(Tokens([TokenRecord(1, 5, 3, FinishReason.NONE, logprob)]))) == plain + 164
 
 

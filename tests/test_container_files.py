@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVER_ENV = {env for env, _ in _OPTIONS.values()}
 # Read by something other than the server (CuPy).
 OTHER_ENV = {"CUPY_CACHE_DIR"}
+# The health probe: `shoal health` (tests/test_health_command.py runs it).
+HEALTH_PROBE = "shoal health --target 127.0.0.1:${PORT:-50051} --timeout 4"
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -39,7 +41,7 @@ def test_dockerfile_shape() -> None:
     assert ("FROM", "${BASE_IMAGE}") in ins
     users = [rest for kw, rest in ins if kw == "USER"]
     assert users and users[-1] not in ("root", "0")
-    assert any(kw == "HEALTHCHECK" and "grpc_health" in rest for kw, rest in ins)
+    assert any(kw == "HEALTHCHECK" and HEALTH_PROBE in rest for kw, rest in ins)
     assert ins[-1] == ("CMD", '["python", "-m", "server"]')
     runs = " ".join(rest for kw, rest in ins if kw == "RUN")
     assert "--no-build-isolation ." in runs and "shoal.v1.inference_pb2_grpc" in runs
@@ -99,7 +101,9 @@ def test_compose_default_service(compose: dict) -> None:
     assert any(str(p).endswith(":50051") for p in shoal["ports"])
     assert shoal["shm_size"] == "1gb"
     assert shoal["restart"] == "unless-stopped"
-    assert "grpc_health" in " ".join(shoal["healthcheck"]["test"])
+    test = shoal["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL"  # run by the container's shell, $PORT read there
+    assert test[1].replace("$$", "$").startswith(HEALTH_PROBE), test
     assert "models:/models" in shoal["volumes"]
     assert shoal["environment"]["METRICS_PORT"] == "9090"
 

@@ -368,3 +368,64 @@ def test_prometheus_adapter_rule_exposes_the_hpa_metric():
     assert overrides["pod"] == {"resource": "pod"}
     assert overrides["namespace"] == {"resource": "namespace"}
     assert "<<.Series>>" in rule["metricsQuery"] and "<<.GroupBy>>" in rule["metricsQuery"]
+
+
+# -- the TLS overlay (deploy/k8s-tls) ---------------------------------------------------------
+
+TLS_DIR = K8S_DIR.parent / "k8s-tls"
+# Read by `shoal health` (client/cli.py), not by the server.
+PROBE_ENV = {"SHOAL_TLS_CA", "SHOAL_TLS_SERVER_NAME", "SHOAL_TLS_CERT", "SHOAL_TLS_KEY"}
+
+
+@pytest.fixture(scope="module")
+def tls_deployment() -> dict[str, Any]:
+    """deploy/k8s-tls built with `kubectl kustomize`: the base plus its TLS patch."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not on PATH; the TLS overlay is not built")
+    out = subprocess.run(
+        [kubectl, "kustomize", str(TLS_DIR)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    deployments = [d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "Deployment"]
+    assert len(deployments) == 1
+    return deployments[0]
+
+
+@pytest.mark.parametrize("version", _versions())
+def test_tls_overlay_matches_kubernetes_schema(kubernetes_validate, tls_deployment, version):
+    kubernetes_validate.validate(tls_deployment, version, strict=True)
+
+
+def test_tls_overlay_probes_run_shoal_health_over_tls(tls_deployment):
+    """The kubelet's gRPC probes speak plaintext only: with TLS each probe is an exec of
+    `shoal health` on the gRPC port, its deadline inside the probe's timeout."""
+    spec = tls_deployment["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = container[kind]
+        assert set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"exec"}, kind
+        command = probe["exec"]["command"]
+        assert command[:2] == ["shoal", "health"], command
+        assert command[command.index("--target") + 1] == f"127.0.0.1:{grpc_port}"
+        assert float(command[command.index("--timeout") + 1]) < probe["timeoutSeconds"]
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+
+    # The server's certificate, key and the probe's CA: files of the mounted Secret.
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for name in ("TLS_CERT", "TLS_KEY", "SHOAL_TLS_CA"):
+        directory = str(Path(env[name]).parent)
+        assert directory in mounts, f"{name}={env[name]} is on no volume"
+        assert "secret" in volumes[mounts[directory]], f"{name} should come from a Secret"
+
+    from server.config import _OPTIONS, ServerConfig
+
+    known = {name for name, _ in _OPTIONS.values()}
+    unknown = set(env) - known - RUNTIME_ENV - PROBE_ENV
+    assert not unknown, f"nothing reads these variables: {sorted(unknown)}"
+    server_env = {k: v for k, v in env.items() if k in known and not k.startswith("TLS_")}
+    assert ServerConfig.from_args([], environ=server_env).port == grpc_port

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
 from server.config import ServerConfig
+from server.validation import MAX_PROMPT_BYTES
 
 
 def test_defaults() -> None:
@@ -138,6 +140,7 @@ def test_auth_token_is_not_in_repr() -> None:
         ("retention_count", -1, ">= 0"),
         ("drain_grace_s", float("nan"), ">= 0"),
         ("ring_mb", 0, ">= 1"),
+        ("max_body_bytes", 1023, ">= 1024"),  # a size in MiB given as bytes, say
         ("device", "tpu", "auto, cpu, cuda"),
         ("log_level", "LOUD", "INFO"),
     ],
@@ -148,6 +151,22 @@ def test_invalid_values_name_the_field_and_the_limit(
     with pytest.raises(ValueError, match=r"must") as info:
         dataclasses.replace(ServerConfig(model="m"), **{field: value})
     assert field in str(info.value) and expected in str(info.value)
+
+
+def test_the_http_body_limit_leaves_room_for_the_largest_prompt() -> None:
+    """--max-body-bytes / $MAX_BODY_BYTES; the default holds a max_prompt_bytes prompt
+    written with \\uXXXX escapes (3x its UTF-8 size, at most) and the rest of a body."""
+    default = ServerConfig(model="m").max_body_bytes
+    assert default == 4 << 20 == 4 * MAX_PROMPT_BYTES
+    for text in ("é", "🙂", "中"):  # 2, 4 and 3 UTF-8 bytes: 6, 12 and 6 escaped
+        prompt = text * (MAX_PROMPT_BYTES // len(text.encode()))
+        assert len(json.dumps({"model": "m", "prompt": prompt, "max_tokens": 16})) < default
+    env = {"MAX_BODY_BYTES": "65536"}
+    assert ServerConfig.from_args(["--model", "m"], env).max_body_bytes == 65536
+    flags = ["--model", "m", "--max-body-bytes", "2048"]
+    assert ServerConfig.from_args(flags, env).max_body_bytes == 2048
+    with pytest.raises(ValueError, match=r"max_body_bytes \(--max-body-bytes / \$MAX_BODY_BYTES"):
+        ServerConfig.from_args(["--model", "m", "--max-body-bytes", "4"], {})
 
 
 def test_invalid_value_from_flags_raises() -> None:
