@@ -31,6 +31,7 @@ from worker.block_manager import BlockManager
 from worker.checkpoint import Checkpoint
 from worker.kv_cache import KVCacheLayout, blocks_for
 from worker.model_runner import ModelRunner
+from worker.penalties import penalize
 from worker.sampling import GREEDY_BELOW, draw_uniform, greedy, sample_from
 from worker.scheduler import ScheduledBatch
 from worker.sequence import Sequence
@@ -156,11 +157,20 @@ class DraftModel:
         """Sample each shadow's next draft token from its logits row (rows, vocab); append it.
 
         The token is completion index len(shadow.generated) of its request: a sampled
-        request draws it with the plain sampler's draw for that index (draw_uniform).
+        request draws it with the plain sampler's draw for that index (draw_uniform). The
+        request's penalties apply as in the model (its history: the shadow's tokens, drafts
+        included), so a draft model close to the model drafts what the model picks.
         """
         if not shadows:
             return
         xp = self.xp
+        logits = penalize(
+            xp,
+            logits,
+            [s.params for s in shadows],
+            [s.prompt_ids for s in shadows],
+            [s.generated for s in shadows],
+        )  # (rows, vocab), the same array when no row is penalised
         tokens = greedy(xp, logits)  # (rows,)
         stochastic = [r for r, s in enumerate(shadows) if s.params.temperature >= GREEDY_BELOW]
         if stochastic:

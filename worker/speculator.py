@@ -26,12 +26,13 @@ from typing import Any
 import numpy as np
 
 from worker.backend import Backend
-from worker.channel.types import EngineConfig
+from worker.channel.types import EngineConfig, SamplingParams, TokenLogprob
 from worker.checkpoint import load_checkpoint
 from worker.draft_model import DraftModel
 from worker.kv_cache import KVCacheLayout, blocks_for
 from worker.model_config import ModelConfig, kv_bytes_per_token
-from worker.sampling import GREEDY_BELOW, sample
+from worker.penalties import penalize
+from worker.sampling import GREEDY_BELOW, sample, token_logprobs
 from worker.scheduler import ScheduledBatch, Scheduler
 from worker.sequence import Sequence
 from worker.spec_policy import (
@@ -200,16 +201,26 @@ class Speculator:
 
     # -- verification -----------------------------------------------------------------
     def verify(self, logits: Array, drafts: dict[Sequence, Draft]) -> dict[Sequence, Verified]:
-        """Tokens to emit for each drafted sequence (its accepted drafts, then one more).
+        """Tokens to emit for each drafted sequence (its accepted drafts, then one more),
+        with their TokenLogprobs for the requests that ask.
 
         logits (sum of 1 + k, vocab): each sequence's rows in `drafts` order; row j
-        predicts completion token tokens_generated + j.
+        predicts completion token tokens_generated + j. Each row is first penalised as
+        plain decoding would penalise that token (the completion so far plus drafts
+        1..j), so every row is exactly the distribution plain decoding would see there.
         """
         xp = self.backend.xp
-        params, indices = [], []
+        params, indices, prompts, outputs = [], [], [], []
         for seq, draft in drafts.items():
-            params += [seq.params] * (len(draft.tokens) + 1)
-            indices += range(seq.tokens_generated, seq.tokens_generated + len(draft.tokens) + 1)
+            rows = len(draft.tokens) + 1
+            params += [seq.params] * rows
+            indices += range(seq.tokens_generated, seq.tokens_generated + rows)
+            prompts += [seq.prompt_ids] * rows
+            if seq.params.penalized:
+                outputs += [seq.generated + draft.tokens[:j] for j in range(rows)]
+            else:
+                outputs += [()] * rows  # not read
+        logits = penalize(xp, logits, params, prompts, outputs)  # (rows, vocab)
         # What plain decoding picks at every row (its argmax, or its seeded draw).
         target = self.backend.to_host(sample(xp, logits, params, indices)).tolist()
         out: dict[Sequence, list[int]] = {}
@@ -223,7 +234,43 @@ class Speculator:
                     seq, draft, logits[row : row + k + 1], target[row + k]
                 )
             row += k + 1
-        return {seq: Verified(tokens, [None] * len(tokens)) for seq, tokens in out.items()}
+        return self._with_logprobs(logits, params, drafts, out)
+
+    def _with_logprobs(
+        self,
+        logits: Array,
+        params: list[SamplingParams],
+        drafts: dict[Sequence, Draft],
+        out: dict[Sequence, list[int]],
+    ) -> dict[Sequence, Verified]:
+        """Each emitted token's TokenLogprob, from its own (penalised) row: token j of a
+        sequence is drawn at row j, as plain decoding draws it from that distribution."""
+        xp = self.backend.xp
+        rows: list[int] = []  # verify rows whose emitted token's logprob is asked for
+        chosen: list[int] = []
+        row = 0
+        for seq, draft in drafts.items():
+            if seq.params.logprobs:
+                rows += range(row, row + len(out[seq]))
+                chosen += out[seq]
+            row += len(draft.tokens) + 1
+        found: list[TokenLogprob | None] = []
+        if rows:
+            index = xp.asarray(np.asarray(rows, dtype=np.int64))
+            found = token_logprobs(
+                xp,
+                logits[index],
+                [params[r] for r in rows],
+                xp.asarray(np.asarray(chosen, dtype=np.int64)),
+            )  # (len(rows),)
+        verified, taken = {}, 0
+        for seq, tokens in out.items():
+            logprobs: list[TokenLogprob | None] = [None] * len(tokens)
+            if seq.params.logprobs:
+                logprobs = found[taken : taken + len(tokens)]
+                taken += len(tokens)
+            verified[seq] = Verified(tokens, logprobs)
+        return verified
 
     def _verify_sampled(self, seq: Sequence, draft: Draft, logits: Array, bonus: int) -> list[int]:
         """Speculative sampling against the draft model's q (rows: (k + 1, vocab) logits)."""
