@@ -4,7 +4,7 @@ One engine step with speculation (worker/batch_processor.py):
 
     batch = scheduler.schedule()
     speculator.propose(batch, scheduler)   # drafts for some decodes, KV slots reserved
-    sampled, tokens, verified = runner.run(batch)   # decodes with drafts: 1 + k rows each
+    sampled, tokens, logprobs, verified = runner.run(batch, speculator)  # 1 + k rows each
     ... emit each sequence's verified tokens one by one (stop checks), roll its KV back
     speculator.record(seq, drafted, accepted); speculator.observe_step(batch, seconds)
 
