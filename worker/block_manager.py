@@ -165,9 +165,9 @@ class BlockManager:
         A block whose hash another block already holds (the same prompt computed twice
         at once) stays unnamed and is simply freed at the end.
         """
-        if not self.enable_prefix_caching:
-            return
         full = seq.num_computed // self.block_size
+        if not self.enable_prefix_caching or full <= seq.num_hashed_blocks:
+            return  # most steps: no block was filled
         hashes = self._hashes(seq, full)
         for i in range(seq.num_hashed_blocks, full):
             if hashes[i] not in self.cached:
@@ -181,9 +181,9 @@ class BlockManager:
         goes, leaving at least one token of seq to compute."""
         if not self.enable_prefix_caching:
             return []
-        hashes = self._hashes(seq, self._max_hits(seq))
+        limit = self._max_hits(seq)
         hits = []
-        for h in hashes[start:]:
+        for h in self._hashes(seq, limit)[start:limit]:
             block = self.cached.get(h)
             if block is None:
                 break
@@ -203,7 +203,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         bs = self.block_size
-        return self._hashes(seq, (seq.num_computed + chunk) // bs)[seq.num_computed // bs :]
+        first, last = seq.num_computed // bs, (seq.num_computed + chunk) // bs
+        return self._hashes(seq, last)[first:last]
 
     def _max_hits(self, seq: Sequence) -> int:
         """Blocks of seq the cache may supply: all full ones short of its last token."""
@@ -224,12 +225,12 @@ class BlockManager:
             seq.cached_prompt_tokens = min(computed, len(seq.prompt_ids))
 
     def _hashes(self, seq: Sequence, count: int) -> list[bytes]:
-        """The chained hashes of seq's first `count` blocks (full ones), extended as needed:
-        a sequence's tokens never change, only grow, so they are computed once."""
+        """seq's chained block hashes, at least its first `count` (full blocks; the list may
+        hold more): a sequence's tokens never change, only grow, so each is computed once."""
         hashes, bs, tokens = seq.block_hashes, self.block_size, None
         while len(hashes) < count:
             tokens = tokens or seq.tokens
             i = len(hashes)
             parent = hashes[-1] if hashes else ROOT_HASH
             hashes.append(block_hash(parent, tokens[i * bs : (i + 1) * bs]))
-        return hashes[:count]
+        return hashes
