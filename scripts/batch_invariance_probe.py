@@ -20,6 +20,9 @@ import fetch_model
 import numpy as np
 from bench_common import print_table
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # as bench_sweep does
+from engine_probe import record_logits
+
 from worker.attention import TILE_TOKENS, paged_attention
 from worker.backend import select_backend
 from worker.batch_processor import BatchProcessor
@@ -106,11 +109,11 @@ def probe_rowwise(hidden: int, vocab: int) -> list[list[str]]:
         out.append([name, cell, cell])
     logits = rng.standard_normal((16, vocab), dtype=np.float32) * 4
 
-    def probs(m: int) -> np.ndarray:
+    def probs(m: int) -> np.ndarray:  # row 0's kept probabilities among m rows
         t, p = np.full(m, 0.8, np.float32), np.full(m, 0.9, np.float32)
-        return filtered_probs(np, logits[:m], t, np.zeros(m, np.int64), p, np.zeros(m, np.float32))[
-            1
-        ][0]
+        k, min_p = np.zeros(m, np.int64), np.zeros(m, np.float32)
+        _, kept = filtered_probs(np, logits[:m], t, k, p, min_p)
+        return kept[0]
 
     cell = differing(probs(1), [probs(m) for m in (2, 7, 16)])
     out.append(["sampling filters (temperature, top-p)", cell, cell])
@@ -119,22 +122,7 @@ def probe_rowwise(hidden: int, vocab: int) -> list[list[str]]:
 
 def target_logits(proc: BatchProcessor, target: list[int], others: list[list[int]]) -> dict:
     """Token index -> the logits request 0 sampled it from; `others` join at step 2."""
-    runner, rows, sampled = proc.runner, {}, []
-    prepare, forward = runner.prepare, runner.model.forward
-
-    def remember(batch):  # type: ignore[no-untyped-def]
-        step, seqs = prepare(batch)
-        sampled[:] = seqs
-        return step, seqs
-
-    def record(step, cache):  # type: ignore[no-untyped-def]
-        out = forward(step, cache)
-        for row, seq in enumerate(sampled):
-            if seq.handle == 0:
-                rows[seq.tokens_generated] = runner.backend.to_host(out[row]).copy()
-        return out
-
-    runner.prepare, runner.model.forward = remember, record  # type: ignore[method-assign]
+    recorded = record_logits(proc)
     proc.add_request(0, target, SamplingParams(max_new_tokens=8, ignore_eos=True))
     for step in range(1000):
         if step == 2:  # they prefill (in chunks) while the target decodes
@@ -143,7 +131,7 @@ def target_logits(proc: BatchProcessor, target: list[int], others: list[list[int
         proc.process_step()
         if not proc.has_work():
             break
-    return rows
+    return recorded[0]
 
 
 def probe_engine(model: Path) -> list[list[str]]:

@@ -1,10 +1,14 @@
-"""Read the engine's logits at every position, through its real paged paths.
+"""Read the engine's logits, through its real paged paths.
 
-`tokens[:prefill_len]` go through chunked prefill (chunks of `chunk`); the rest
-are fed one decode step at a time, as generated tokens are.
+`engine_logits`: `tokens[:prefill_len]` go through chunked prefill (chunks of
+`chunk`); the rest are fed one decode step at a time, as generated tokens are.
+`record_logits`: the rows every request samples from while the engine runs
+as usual (also used by scripts/batch_invariance_probe.py).
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
 
 import numpy as np
 
@@ -39,3 +43,31 @@ def engine_logits(
     finally:
         blocks.free(seq.block_table)
     return np.concatenate(rows)
+
+
+Logits = dict[int, np.ndarray]  # token index -> (vocab,) logits it was sampled from
+
+
+def record_logits(processor: BatchProcessor) -> dict[int, Logits]:
+    """From now on, capture for every request (by handle) the logits row of each token it
+    samples; the returned dict fills as the processor steps."""
+    runner = processor.runner
+    prepare, forward = runner.prepare, runner.model.forward
+    recorded: dict[int, Logits] = defaultdict(dict)
+    sampled_now: list[Sequence] = []
+
+    def prepare_and_remember(batch: ScheduledBatch):  # type: ignore[no-untyped-def]
+        step, sampled = prepare(batch)
+        sampled_now[:] = sampled
+        return step, sampled
+
+    def forward_and_record(step, cache):  # type: ignore[no-untyped-def]
+        logits = forward(step, cache)
+        host = runner.backend.to_host(logits)
+        for row, seq in enumerate(sampled_now):
+            recorded[seq.handle][seq.tokens_generated] = host[row].copy()
+        return logits
+
+    runner.prepare = prepare_and_remember  # type: ignore[method-assign]
+    runner.model.forward = forward_and_record  # type: ignore[method-assign]
+    return recorded

@@ -9,12 +9,12 @@ checkpoints and on the real default model.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
+from engine_probe import Logits, record_logits
 from gguf_model import smollm2_gguf_fixture  # noqa: F401  (the `smollm2_gguf` fixture)
 
 from worker.attention import paged_attention
@@ -25,32 +25,6 @@ from worker.checkpoint import Checkpoint, load_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TARGET = 0  # the handle of the request whose logits are compared
-
-Logits = dict[int, np.ndarray]  # token index -> (vocab,) logits it was sampled from
-
-
-def recording(processor: BatchProcessor) -> dict[int, Logits]:
-    """Capture, for every request (by handle), the logits row of each token it samples."""
-    runner = processor.runner
-    prepare, forward = runner.prepare, runner.model.forward
-    recorded: dict[int, Logits] = defaultdict(dict)
-    sampled_now: list = []
-
-    def prepare_and_remember(batch):  # type: ignore[no-untyped-def]
-        step, sampled = prepare(batch)
-        sampled_now[:] = sampled
-        return step, sampled
-
-    def forward_and_record(step, cache):  # type: ignore[no-untyped-def]
-        logits = forward(step, cache)
-        host = runner.backend.to_host(logits)
-        for row, seq in enumerate(sampled_now):
-            recorded[seq.handle][seq.tokens_generated] = host[row].copy()
-        return logits
-
-    runner.prepare = prepare_and_remember  # type: ignore[method-assign]
-    runner.model.forward = forward_and_record  # type: ignore[method-assign]
-    return recorded
 
 
 def make(model: Path | Checkpoint, **overrides: object) -> BatchProcessor:
@@ -81,13 +55,13 @@ def run_target(
     processor: BatchProcessor,
     target_prompt: list[int],
     params: SamplingParams,
-    others: list[list[int]] = (),  # type: ignore[assignment]
+    others: Sequence[list[int]] = (),
     others_at_step: int = 0,
     target_at_step: int = 0,
     generated: list[int] | None = None,
 ) -> tuple[Logits, list[int]]:
     """Run the target with `others` (added at `others_at_step`); its logits and tokens."""
-    recorded = recording(processor)
+    recorded = record_logits(processor)
     step = 0
     pending = [(target_at_step, TARGET, target_prompt, params, generated)]
     rng = np.random.default_rng(len(others))
